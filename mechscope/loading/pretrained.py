@@ -1,0 +1,116 @@
+"""``mechscope.Model``: the hooked transformer plus a tokenizer, loadable from HuggingFace.
+
+``Model.from_pretrained("gpt2")`` (or a local directory) reads the config with transformers,
+streams the weights from safetensors into a model allocated on the meta device, and loads the
+tokenizer with ``AutoTokenizer``. ``Model.from_hf(module)`` converts an already-loaded
+HuggingFace model through the same family table.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechscope.loading import tokens as tok
+from mechscope.loading.families import config_for, family_for
+from mechscope.loading.hf import load_weights, local_checkpoint, open_weights
+from mechscope.model.config import ModelConfig
+from mechscope.model.transformer import Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+class Model(Transformer):
+    """A :class:`Transformer` that also understands text.
+
+    Every entry point (``forward``, ``run_with_cache``, ``run_with_hooks``) accepts a string or
+    a list of strings as well as token ids; a list of texts of different lengths is padded
+    (see :mod:`mechscope.loading.tokens`) and the padding masked.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None) -> None:
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tokenizer: Any = None,
+    ) -> Model:
+        """Load a HuggingFace checkpoint (hub id or local directory) into a mechscope model."""
+        from transformers import AutoConfig
+
+        directory = local_checkpoint(name_or_path)
+        hf_config = AutoConfig.from_pretrained(directory)
+        family = family_for(hf_config.model_type)
+        cfg = config_for(family, hf_config, dtype=dtype, tokenizer_name=str(name_or_path))
+        if tokenizer is None and any((directory / f).exists() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = cls._empty(cfg, device, tokenizer)
+        with ExitStack() as stack:
+            load_weights(model, open_weights(directory, stack), family)
+        return model.eval()
+
+    @classmethod
+    def from_hf(cls, hf_model: torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype | None = None) -> Model:
+        """Convert an already-loaded HuggingFace causal LM (weights are copied, not shared)."""
+        family = family_for(hf_model.config.model_type)
+        first = next(hf_model.parameters())
+        cfg = config_for(family, hf_model.config, dtype=dtype or first.dtype)
+        model = cls._empty(cfg, first.device, tokenizer)
+        load_weights(model, hf_model.state_dict(), family)
+        return model.eval()
+
+    @classmethod
+    def _empty(cls, cfg: ModelConfig, device: torch.device | str, tokenizer: Any) -> Model:
+        """A model whose parameters are allocated but not initialised (they are about to be
+        overwritten), built on the meta device so no random weights are ever computed."""
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer)
+        return model.to_empty(device=device)
+
+    # ------------------------------------------------------------ text in
+    def forward(self, input, return_type="logits", *, prepend_bos=None, padding_side="right", **kwargs):
+        """As :meth:`Transformer.forward`, but ``input`` may also be text (see ``to_tokens``)."""
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            tokens, mask = tok.to_tokens(self.tokenizer, input, prepend_bos, padding_side)
+            input = tokens.to(self.W_E.device)
+            if kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = mask.to(self.W_E.device)
+        return super().forward(input, return_type, **kwargs)
+
+    def to_tokens(
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: tok.PaddingSide = "right",
+        truncate: bool = False,
+        return_attention_mask: bool = False,
+    ) -> Int[Tensor, "batch pos"] | tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Text to ``[batch, pos]`` ids on the model's device (and the mask, if asked)."""
+        tokens, mask = tok.to_tokens(self.tokenizer, text, prepend_bos, padding_side, self.cfg.n_ctx, truncate)
+        tokens, mask = tokens.to(self.W_E.device), mask.to(self.W_E.device)
+        return (tokens, mask) if return_attention_mask else tokens
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+        return tok.to_str_tokens(self.tokenizer, input, prepend_bos)
+
+    def to_string(self, tokens) -> str | list[str]:
+        return tok.to_string(self.tokenizer, tokens)
+
+    def to_single_token(self, string: str) -> int:
+        return tok.to_single_token(self.tokenizer, string)
+
+
+HookedTransformer = Model
