@@ -54,7 +54,9 @@ class ActivationCache(Mapping[str, Tensor]):
         name = self._full_name(key)
         if name not in self._store:
             if name in self.model.hook_dict:
-                raise HookNameError(f"{name!r} was not cached; include it in run_with_cache's names_filter")
+                raise HookNameError(
+                    f"{name!r} was not cached: name it in run_with_cache's names_filter (and run its layer)"
+                )
             raise HookNameError(unknown_name_message(name, self.model.hook_dict))
         return self._store[name]
 

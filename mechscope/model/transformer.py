@@ -172,7 +172,7 @@ class Transformer(nn.Module):
         resid = self.embed_tokens(tokens, positions) if start_at_layer is None else input
         for block in self.blocks[start:stop]:
             resid = block(resid, mask)
-        if stop < n_layers:
+        if stop_at_layer is not None:
             return resid
         if return_type is None:
             return None

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random HuggingFace GPT-2 checkpoints written to temporary folders and
+loaded through the same code path as a hub model. Nothing touches the network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope import Model, ModelConfig, Transformer
+from mechscope.loading.tiny import save_tiny_gpt2
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def model(gpt2_dir) -> Model:
+    return Model.from_pretrained(gpt2_dir)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+def random_model(**overrides) -> Transformer:
+    """A small randomly initialised model built from a ModelConfig alone."""
+    fields = dict(n_layers=3, d_model=32, n_heads=4, d_vocab=50, n_ctx=24, seed=0, initializer_range=0.2)
+    fields.update(overrides)
+    model = Transformer(ModelConfig(**fields)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so tests see them
+        for name, param in model.named_parameters():
+            if not name.split(".")[-1].startswith("W_"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
