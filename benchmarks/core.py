@@ -171,6 +171,8 @@ def build_tl_model(hf_model: GPT2LMHeadModel, device: str):
 def transformer_lens_cases(hf_model: GPT2LMHeadModel, tokens: torch.Tensor, device: str) -> list[Case]:
     # HookedTransformer's attention has one implementation, its default: scores and pattern are
     # always computed explicitly (einsum, mask, softmax); it never calls a fused kernel.
+    # Its full cache also holds unembed.hook_in and unembed.hook_out (the logits), which
+    # mechscope has no hook points for, hence its larger size.
     tl_model = build_tl_model(hf_model, device)
     check("TransformerLens vs HF logits", max_diff(tl_model(tokens), hf_model(tokens).logits), LOGIT_TOLERANCE)
     names = resid_names(tl_model.cfg.n_layers)
@@ -206,11 +208,14 @@ def nnsight_cases(hf_model: GPT2LMHeadModel, tokens: torch.Tensor, model: mechsc
     wrapped = nnsight.NNsight(hf_model)
     n_layers = hf_model.config.n_layer
     saved = nnsight_resid(wrapped, tokens, n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=resid_names(n_layers))
-    check(
-        "nnsight resid vs mechscope cache", max(max_diff(s, c) for s, c in zip(saved, cache.values())), RESID_TOLERANCE
-    )
-    run = lambda: nnsight_resid(wrapped, tokens, n_layers)  # noqa: E731
+    names = resid_names(n_layers)
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    diff = max(max_diff(saved_tensor, cache[name]) for saved_tensor, name in zip(saved, names))
+    check("nnsight resid vs mechscope cache", diff, RESID_TOLERANCE)
+
+    def run() -> list[torch.Tensor]:
+        return nnsight_resid(wrapped, tokens, n_layers)
+
     return [Case("nnsight resid cache", run, TARGETS["resid cache"], tensor_bytes)]
 
 
@@ -228,33 +233,31 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, ob
 
 
 def measure(cases: list[Case], baseline: Callable[[], object], repeats: int, sync) -> tuple[float, list[Result]]:
-    """Alternate the baseline and each case for one warm-up round and ``repeats`` timed rounds."""
-    base_times: list[float] = []
-    times: dict[str, list[float]] = {case.label: [] for case in cases}
-    ratios: dict[str, list[float]] = {case.label: [] for case in cases}
+    """Alternate the baseline and each case (HF, case, HF, case, ...): one warm-up round, then
+    ``repeats`` timed rounds. A case's ratio is the median of its per-round ratios."""
+    pairs: dict[str, list[tuple[float, float]]] = {case.label: [] for case in cases}  # (baseline, case) seconds
     nbytes: dict[str, int | None] = {}
     for round_ in range(repeats + 1):
         for case in cases:
             base, _ = timed(baseline, sync)
             seconds, out = timed(case.run, sync)
-            if round_ == 0:  # warm-up: not timed, but the place to measure the cache
+            if round_ == 0:  # the warm-up round is not timed; it is where the cache is measured
                 nbytes[case.label] = case.nbytes(out) if case.nbytes else None
-                continue
-            base_times.append(base)
-            times[case.label].append(seconds)
-            ratios[case.label].append(seconds / base)
-            del out
+            else:
+                pairs[case.label].append((base, seconds))
+            del out  # free the cache before the next pass runs
     results = [
         Result(
-            case.label,
-            statistics.median(times[case.label]),
-            statistics.median(ratios[case.label]),
-            case.target,
-            nbytes[case.label],
+            label=case.label,
+            seconds=statistics.median(s for _, s in pairs[case.label]),
+            ratio=statistics.median(s / b for b, s in pairs[case.label]),
+            target=case.target,
+            cache_bytes=nbytes[case.label],
         )
         for case in cases
     ]
-    return statistics.median(base_times), results
+    base_seconds = statistics.median(b for timings in pairs.values() for b, _ in timings)
+    return base_seconds, results
 
 
 # ---------------------------------------------------------------- report
@@ -275,12 +278,12 @@ def print_machine(args: argparse.Namespace) -> None:
 def print_table(base_seconds: float, attn: str, results: list[Result]) -> None:
     header = f"{'configuration':<30} {'ms':>9} {'ratio':>7} {'target':>7} {'meets':>6} {'cache MiB':>10}"
     print("\n" + header + "\n" + "-" * len(header))
-    print(f"{'HF forward (' + attn + ')':<30} {base_seconds * 1e3:>9.1f} {1.0:>7.3f} {'':>7} {'':>6} {'':>10}")
+    print(f"{'HF forward (' + attn + ')':<30} {base_seconds * 1e3:>9.1f} {1.0:>7.3f}")
     for r in results:
         target = f"{r.target:.2f}" if r.target is not None else ""
         meets = ("yes" if r.ratio <= r.target else "no") if r.target is not None else ""
         mib = f"{r.cache_bytes / 2**20:.1f}" if r.cache_bytes is not None else ""
-        print(f"{r.label:<30} {r.seconds * 1e3:>9.1f} {r.ratio:>7.3f} {target:>7} {meets:>6} {mib:>10}")
+        print(f"{r.label:<30} {r.seconds * 1e3:>9.1f} {r.ratio:>7.3f} {target:>7} {meets:>6} {mib:>10}".rstrip())
 
 
 def main() -> None:
@@ -297,6 +300,7 @@ def main() -> None:
             cases += transformer_lens_cases(hf_model, tokens, args.device)
         if is_importable("nnsight"):
             cases += nnsight_cases(hf_model, tokens, model)
+        # The baseline is the plain call, with transformers' defaults (sdpa attention, use_cache=True).
         base_seconds, results = measure(cases, lambda: hf_model(tokens), args.repeats, synchronizer(args.device))
     print_table(base_seconds, hf_model.config._attn_implementation, results)
 
