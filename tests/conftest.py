@@ -3,11 +3,19 @@ loaded through the same code path as a hub model. Nothing touches the network.""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from mechscope import Model, ModelConfig, Transformer
 from mechscope.loading.tiny import save_tiny_gpt2
+
+# CI explores the same examples every run, so a red build reproduces; locally, examples vary.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
