@@ -239,7 +239,7 @@ def measure(cases: list[Case], baseline: Callable[[], object], repeats: int, syn
     nbytes: dict[str, int | None] = {}
     for round_ in range(repeats + 1):
         for case in cases:
-            base, _ = timed(baseline, sync)
+            base = timed(baseline, sync)[0]  # its output is dropped at once
             seconds, out = timed(case.run, sync)
             if round_ == 0:  # the warm-up round is not timed; it is where the cache is measured
                 nbytes[case.label] = case.nbytes(out) if case.nbytes else None

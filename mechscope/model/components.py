@@ -72,8 +72,9 @@ class PosEmbed(nn.Module):
 class LayerNorm(nn.Module):
     """Centre, divide by the root-mean-square (``hook_scale``), then scale and shift.
 
-    When neither hook is in use this is one fused ``F.layer_norm`` call; the explicit steps,
-    identical up to rounding, only run when someone wants to see or change the scale.
+    One fused kernel computes the output and, on the side, the statistics, so caching the
+    scale costs nothing extra. Only a hook that *replaces* the scale makes the steps run
+    one by one, with the replacement.
     """
 
     def __init__(self, cfg: ModelConfig, d: int | None = None) -> None:
@@ -88,9 +89,12 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not (self.hook_scale.is_active or self.hook_normalized.is_active):
             return F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.w + self.b)
+        out, mean, rstd = torch.native_layer_norm(x, (self.d,), self.w, self.b, self.eps)
+        scale = rstd.reciprocal()
+        hooked_scale = self.hook_scale(scale)
+        if hooked_scale is not scale:  # a hook replaced the scale: normalise by the replacement
+            out = (x - mean) / hooked_scale * self.w + self.b
+        return self.hook_normalized(out)
 
 
 class Attention(nn.Module):
@@ -161,7 +165,7 @@ class Attention(nn.Module):
         """Scores, mask, softmax and mix, step by step, so the scores and pattern can be hooked."""
         scores = einsum(q, k, "batch qpos head d, batch kpos head d -> batch head qpos kpos")
         allowed = mask if mask is not None else causal_mask(q.shape[1], k.shape[1], q.device)
-        scores = scores.div(self.attn_scale).masked_fill(~allowed, float("-inf"))
+        scores = scores.div_(self.attn_scale).masked_fill_(~allowed, float("-inf"))
         pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
         return einsum(pattern, v, "batch head qpos kpos, batch kpos head d -> batch qpos head d")
 

@@ -101,3 +101,18 @@ def test_query_weights_flatten_without_a_copy():
     W_Q = model.blocks[0].attn.W_Q
     flat = rearrange(W_Q, "head d_model d_head -> d_model (head d_head)")
     assert flat.data_ptr() == W_Q.data_ptr() and flat.is_contiguous()
+
+
+def test_replacing_the_norm_scale_changes_the_output():
+    """The scale is read off the fused kernel, but a hook that replaces it is honoured."""
+    model = random_model()
+    tokens = torch.randint(0, 50, (2, 6))
+    doubled = model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", lambda s, h: s * 2)])
+    _, cache = model.run_with_cache(tokens, names_filter=["ln_final.hook_normalized", "blocks.2.hook_resid_post"])
+    resid = cache["resid_post", 2]
+    ln = model.ln_final
+    centred = resid - resid.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], centred / scale * ln.w + ln.b, atol=1e-5, rtol=0)
+    expected = model.unembed(centred / (2 * scale) * ln.w + ln.b)
+    torch.testing.assert_close(doubled, expected, atol=1e-5, rtol=0)
