@@ -4,6 +4,8 @@ prefixes, and the errors for checkpoints that do not fit."""
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,19 +31,28 @@ def test_sharded_safetensors(tmp_path, tokens):
 
 def test_pickled_weights_load_with_weights_only(tmp_path, tokens):
     hf = tiny_gpt2()
-    hf.save_pretrained(tmp_path, safe_serialization=False) if _supports_pickle() else None
-    if not (tmp_path / "pytorch_model.bin").exists():  # transformers 5 writes only safetensors
-        hf.config.save_pretrained(tmp_path)
-        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     torch.testing.assert_close(logits(Model.from_pretrained(tmp_path), tokens), hf(tokens).logits, atol=1e-4, rtol=0)
 
 
-def _supports_pickle() -> bool:
-    import inspect
+class _Payload:
+    """A pickle that runs code when loaded without weights_only."""
 
-    from transformers import PreTrainedModel
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
 
-    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_malicious_pickle_is_refused(tmp_path):
+    tiny_gpt2().config.save_pretrained(tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save({"transformer.wte.weight": _Payload(str(marker))}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Model.from_pretrained(tmp_path)
+    assert not marker.exists()
 
 
 def test_unprefixed_hub_layout(tmp_path, gpt2_dir, tokens):
