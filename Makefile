@@ -23,8 +23,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/mechscope demo
 
+# The suite, then again with every jaxtyping shape annotation in mechscope checked at run
+# time (beartype), so the annotations cannot drift from what the code does.
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m "not bad_input" -p no:cacheprovider \
+		--jaxtyping-packages=mechscope,beartype.beartype tests/model tests/loading
 
 lint: setup
 	$(BIN)/ruff check .

@@ -63,8 +63,6 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
 
     @property
     def has_mlp(self) -> bool:
@@ -82,6 +80,9 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        data = dict(data)
+        if isinstance(data.get("dtype"), str):
+            data["dtype"] = getattr(torch, data["dtype"])
         return cls(**data)
 
     def to_json(self) -> str:

@@ -136,10 +136,10 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(
         self,
-        input: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+        input: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | Float[Tensor, "batch pos d_model"],
         return_type: ReturnType = "logits",
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
         position_ids: Int[Tensor, "batch pos"] | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -148,7 +148,7 @@ class Transformer(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
-        ``input`` is a batch of token ids, or, with ``start_at_layer``, the residual stream
+        ``input`` is a batch of token ids (or one sequence), or, with ``start_at_layer``, the residual stream
         entering that block. ``attention_mask`` marks real tokens (1) and padding (0); positions
         are then counted over real tokens only, so a left-padded prompt is computed exactly
         like the unpadded one. With ``stop_at_layer`` the residual stream entering that block

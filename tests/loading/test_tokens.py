@@ -68,6 +68,7 @@ def test_models_without_tokenizer_say_so():
         model.to_tokens("hello")
 
 
+@pytest.mark.bad_input
 def test_bad_padding_side(model):
     with pytest.raises(TokenizerError, match="padding_side"):
         model.to_tokens(["a", "b c"], padding_side="middle")

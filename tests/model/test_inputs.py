@@ -27,6 +27,7 @@ def test_sequence_longer_than_context_names_the_limit(length):
         MODEL(torch.zeros(1, length, dtype=torch.long))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool])
 def test_non_integer_tokens(dtype):
     with pytest.raises(InputError, match="integer dtype"):
@@ -39,6 +40,7 @@ def test_empty_input(shape):
         MODEL(torch.zeros(shape, dtype=torch.long))
 
 
+@pytest.mark.bad_input
 def test_wrong_rank_and_type():
     with pytest.raises(InputError, match=r"shape \[batch, pos\]"):
         MODEL(torch.zeros(1, 2, 3, dtype=torch.long))
@@ -60,10 +62,15 @@ def test_bad_layer_indices():
         MODEL(torch.zeros(1, 4, 32), start_at_layer=-4)
 
 
-def test_bad_attention_masks():
+@pytest.mark.bad_input
+def test_attention_mask_of_the_wrong_shape():
     tokens = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(InputError, match=r"attention_mask has shape \(2, 3\) but the input is \(2, 4\)"):
-        MODEL(tokens, attention_mask=torch.ones(2, 3))
+        MODEL(tokens, attention_mask=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_bad_attention_mask_values():
+    tokens = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(InputError, match="only 0"):
         MODEL(tokens, attention_mask=torch.full((2, 4), 2))
     with pytest.raises(InputError, match="every token of some sequence"):
