@@ -224,13 +224,15 @@ class Transformer(nn.Module):
         *args,
         names_filter: NameFilter = None,
         device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
         **kwargs,
     ) -> tuple[Tensor | tuple[Tensor, Tensor] | None, ActivationCache]:
         """One forward pass that also returns the activations selected by ``names_filter``.
 
         ``names_filter`` is a hook name, a list of names, a predicate on names, or None for
         every standard hook point (opt-in ones such as ``attn.hook_result`` only when named).
-        Only the selected activations are stored, detached, optionally moved to ``device``.
+        Only the selected activations are stored, detached, optionally moved to ``device``;
+        ``remove_batch_dim`` drops the batch dimension of a batch of one.
         """
         store: dict[str, Tensor] = {}
 
@@ -240,7 +242,8 @@ class Transformer(nn.Module):
         selected = [point.name for point in resolve(self.hook_dict, names_filter)]
         with self.hooks(fwd_hooks=[(selected, save)]):
             output = self(*args, **kwargs)
-        return output, ActivationCache(store, self)
+        cache = ActivationCache(store, self)
+        return output, cache.remove_batch_dim() if remove_batch_dim else cache
 
     def add_hook(self, name: NameFilter, fn: HookFn, direction: Literal["fwd", "bwd"] = "fwd") -> list[HookHandle]:
         """Attach a hook until ``reset_hooks()`` (prefer the ``hooks()`` context manager)."""

@@ -69,20 +69,16 @@ def test_padding_does_not_change_real_tokens(model, side):
             torch.testing.assert_close(batched[row, real], alone[0], atol=ATOL, rtol=0)
 
 
-def test_resid_pre_equals_hidden_states(model, hf_gpt2, tokens):
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+@pytest.mark.parametrize(
+    ("hook", "hf_output"), [("resid_pre", "hidden_states"), ("pattern", "attentions")], ids=["resid", "pattern"]
+)
+def test_activations_equal_huggingface_outputs(model, hf_gpt2, tokens, hook, hf_output):
+    """hook_resid_pre of block i is HF's hidden state i; hook_pattern is HF's attention probabilities."""
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(f"hook_{hook}"))
     with torch.no_grad():
-        hidden = hf_gpt2(tokens, output_hidden_states=True).hidden_states
+        theirs = getattr(hf_gpt2(tokens, output_hidden_states=True, output_attentions=True), hf_output)
     for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache["resid_pre", layer], hidden[layer], atol=ATOL, rtol=0)
-
-
-def test_pattern_equals_attention_probabilities(model, hf_gpt2, tokens):
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-    with torch.no_grad():
-        attentions = hf_gpt2(tokens, output_attentions=True).attentions
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache["pattern", layer], attentions[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache[hook, layer], theirs[layer], atol=ATOL, rtol=0)
 
 
 def test_pattern_matches_with_left_padding(model, hf_gpt2):

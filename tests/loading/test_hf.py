@@ -128,3 +128,22 @@ def test_loading_does_not_compute_random_weights(gpt2_dir, monkeypatch):
 
     monkeypatch.setattr(Transformer, "init_weights", forbidden)
     Model.from_pretrained(gpt2_dir)
+
+
+def test_hub_ids_download_config_tokenizer_and_safetensors_only(monkeypatch, gpt2_dir, tokens):
+    """A name that is not a local folder goes to the hub (stubbed here: no network in tests);
+    pickles are only fetched when a repository has no safetensors."""
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(gpt2_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = Model.from_pretrained("openai-community/gpt2")
+    assert [repo for repo, _ in asked] == ["openai-community/gpt2"]
+    assert "*.safetensors" in asked[0][1] and not any(p.endswith(".bin") for p in asked[0][1])
+    assert model.cfg.tokenizer_name == "openai-community/gpt2"
+    torch.testing.assert_close(logits(model, tokens), logits(Model.from_pretrained(gpt2_dir), tokens))

@@ -141,8 +141,8 @@ def test_to_and_remove_batch_dim(run):
     assert moved["pattern", 1].device.type == "cpu"
     with pytest.raises(ValueError, match="batch of 1"):
         cache.remove_batch_dim()
-    _, single = model.run_with_cache(tokens[:1])
-    squeezed = single.remove_batch_dim()
+    _, squeezed = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert not squeezed.has_batch_dim
     assert squeezed["resid_pre", 0].shape == (7, 32)
     assert squeezed["pattern", 0].shape == (4, 7, 7)
     stack = squeezed.decompose_resid()
