@@ -11,9 +11,11 @@ and converted with ``mechscope.Model.from_hf``, so both run identical weights. O
 - ``full cache``: ``run_with_cache(tokens)``, every standard (non-opt-in) hook point;
 
 each divided by the time of ``hf_model(tokens)`` (HuggingFace's default attention, sdpa).
-Every configuration is timed in alternation with the HuggingFace pass (HF, it, HF, it, ...)
-after a warm-up round; a ratio is the median over rounds of the per-round ratio, so slow drift
-in the machine's load cancels out. The targets printed alongside are goals, not assertions.
+Every configuration is timed in blocks alternating with blocks of the HuggingFace pass (HF, it,
+HF, it, ...) after a warm-up round. A block is one untimed call then ``runs`` timed calls (their
+median), so each figure is a steady state and no configuration pays for the memory another one
+freed; a ratio is the median over rounds of the per-round ratio, so slow drift cancels out.
+The targets printed alongside are goals, not assertions.
 
 When TransformerLens is importable, the same three rows are timed for a ``HookedTransformer``
 holding the same weights (no weight processing); when nnsight is importable, the residual-stream
@@ -232,16 +234,36 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, ob
     return time.perf_counter() - start, out
 
 
-def measure(cases: list[Case], baseline: Callable[[], object], repeats: int, sync) -> tuple[float, list[Result]]:
-    """Alternate the baseline and each case (HF, case, HF, case, ...): one warm-up round, then
-    ``repeats`` timed rounds. A case's ratio is the median of its per-round ratios."""
+def steady(fn: Callable[[], object], sync, runs: int) -> tuple[float, object]:
+    """Median time of ``runs`` consecutive calls, after one untimed call.
+
+    The untimed call absorbs what the previous configuration left behind: freeing a large
+    cache lets the C allocator return its pages to the operating system, and whoever
+    allocates next pays to fault them in again. Without this, that cost lands on whichever
+    configuration happens to run next (in an HF, case, HF, case order, on the HF baseline).
+    """
+    timed(fn, sync)
+    times, out = [], None
+    for _ in range(runs):
+        del out  # free the previous result before the next call allocates
+        seconds, out = timed(fn, sync)
+        times.append(seconds)
+    return statistics.median(times), out
+
+
+def measure(
+    cases: list[Case], baseline: Callable[[], object], repeats: int, sync, runs: int = 2
+) -> tuple[float, list[Result]]:
+    """Alternate blocks of the baseline and of each case (HF, case, HF, case, ...): one warm-up
+    round, then ``repeats`` timed rounds. A case's ratio is the median of its per-round ratios
+    of steady-state times (see :func:`steady`)."""
     pairs: dict[str, list[tuple[float, float]]] = {case.label: [] for case in cases}  # (baseline, case) seconds
     nbytes: dict[str, int | None] = {}
     for round_ in range(repeats + 1):
         for case in cases:
-            base = timed(baseline, sync)[0]  # its output is dropped at once
-            seconds, out = timed(case.run, sync)
-            if round_ == 0:  # the warm-up round is not timed; it is where the cache is measured
+            base = steady(baseline, sync, runs)[0]  # its output is dropped at once
+            seconds, out = steady(case.run, sync, runs)
+            if round_ == 0:  # the warm-up round is not counted; it is where the cache is measured
                 nbytes[case.label] = case.nbytes(out) if case.nbytes else None
             else:
                 pairs[case.label].append((base, seconds))
