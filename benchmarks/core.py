@@ -119,22 +119,23 @@ def check(what: str, diff: float, tolerance: float) -> None:
 
 
 # ---------------------------------------------------------------- cases
-def mechscope_cases(model: mechscope.Model, tokens: torch.Tensor) -> list[Case]:
+def hooked_model_cases(name: str, model, tokens: torch.Tensor) -> list[Case]:
+    """The three configurations for any model with TransformerLens' API (mechscope's is the same):
+    ``model(tokens)`` and ``model.run_with_cache(tokens, names_filter=...)``."""
     names = resid_names(model.cfg.n_layers)
+
+    def cache_bytes(out) -> int:
+        return tensor_bytes(out[1].values())
+
     return [
-        Case("mechscope forward", lambda: model(tokens), TARGETS["forward"]),
+        Case(f"{name} forward", lambda: model(tokens), TARGETS["forward"]),
         Case(
-            "mechscope resid cache",
+            f"{name} resid cache",
             lambda: model.run_with_cache(tokens, names_filter=names),
             TARGETS["resid cache"],
-            lambda out: out[1].nbytes,
+            cache_bytes,
         ),
-        Case(
-            "mechscope full cache",
-            lambda: model.run_with_cache(tokens),
-            TARGETS["full cache"],
-            lambda out: out[1].nbytes,
-        ),
+        Case(f"{name} full cache", lambda: model.run_with_cache(tokens), TARGETS["full cache"], cache_bytes),
     ]
 
 
@@ -177,21 +178,7 @@ def transformer_lens_cases(hf_model: GPT2LMHeadModel, tokens: torch.Tensor, devi
     # mechscope has no hook points for, hence its larger size.
     tl_model = build_tl_model(hf_model, device)
     check("TransformerLens vs HF logits", max_diff(tl_model(tokens), hf_model(tokens).logits), LOGIT_TOLERANCE)
-    names = resid_names(tl_model.cfg.n_layers)
-
-    def cache_bytes(out) -> int:
-        return tensor_bytes(out[1].values())
-
-    return [
-        Case("TransformerLens forward", lambda: tl_model(tokens), TARGETS["forward"]),
-        Case(
-            "TransformerLens resid cache",
-            lambda: tl_model.run_with_cache(tokens, names_filter=names),
-            TARGETS["resid cache"],
-            cache_bytes,
-        ),
-        Case("TransformerLens full cache", lambda: tl_model.run_with_cache(tokens), TARGETS["full cache"], cache_bytes),
-    ]
+    return hooked_model_cases("TransformerLens", tl_model, tokens)
 
 
 def nnsight_resid(wrapped, tokens: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
@@ -317,7 +304,7 @@ def main() -> None:
     tokens = torch.randint(0, hf_model.config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
     with torch.inference_mode():
         check("mechscope vs HF logits", max_diff(model(tokens), hf_model(tokens).logits), LOGIT_TOLERANCE)
-        cases = mechscope_cases(model, tokens)
+        cases = hooked_model_cases("mechscope", model, tokens)
         if is_importable("transformer_lens"):
             cases += transformer_lens_cases(hf_model, tokens, args.device)
         if is_importable("nnsight"):

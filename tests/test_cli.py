@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
+from mechscope import Model
 from mechscope.cli import app
 
 runner = CliRunner()
@@ -11,7 +12,8 @@ def test_info_on_a_local_directory(gpt2_dir):
     result = runner.invoke(app, ["info", str(gpt2_dir)])
     assert result.exit_code == 0, result.output
     assert "architecture   gpt2" in result.output
-    assert "parameters     48,000" in result.output
+    n_params = sum(p.numel() for p in Model.from_pretrained(gpt2_dir).parameters())
+    assert f"parameters     {n_params:,}" in result.output
     assert "blocks.1.attn.hook_pattern      (1, 4, 1, 1)" in result.output
     assert "blocks.0.hook_q_input           (1, 1, 4, 32)  *" in result.output
     assert "ln_final.hook_scale             (1, 1, 1)" in result.output

@@ -90,7 +90,7 @@ def open_weights(directory: Path, stack: ExitStack) -> Mapping[str, Tensor]:
     raise CheckpointError(f"no weights in {directory}: looked for {', '.join(WEIGHT_FILES)}")
 
 
-def _strip_prefix(source: Mapping[str, Tensor], family: Family) -> str:
+def _checkpoint_prefix(source: Mapping[str, Tensor], family: Family) -> str:
     """The prefix this checkpoint puts before tensor names (``transformer.``, or none)."""
     probe = next(iter(family.weights.values())).name.format(i=0)
     for prefix in family.prefixes:
@@ -104,15 +104,15 @@ def _strip_prefix(source: Mapping[str, Tensor], family: Family) -> str:
 def load_weights(model: Transformer, source: Mapping[str, Tensor], family: Family) -> None:
     """Fill every parameter of ``model`` from ``source`` per the family table, checking shapes;
     tensors in the checkpoint that nothing reads are an error, not silently dropped."""
-    prefix = _strip_prefix(source, family)
+    prefix = _checkpoint_prefix(source, family)
     used: set[str] = set()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            template = re.sub(r"^blocks\.(\d+)\.", "blocks.{i}.", name)
+            layer = re.match(r"blocks\.(\d+)\.", name)
+            template = "blocks.{i}." + name[layer.end() :] if layer else name
             if template not in family.weights:
                 raise CheckpointError(f"the family table has no rule for parameter {name!r}")
             rule = family.weights[template]
-            layer = re.match(r"^blocks\.(\d+)\.", name)
             fill = {"i": layer.group(1)} if layer else {}
             key = _find(source, prefix, rule.name.format(**fill), rule.fallback and rule.fallback.format(**fill))
             value = rule.transform(source[key], model.cfg)
@@ -122,7 +122,7 @@ def load_weights(model: Transformer, source: Mapping[str, Tensor], family: Famil
                 )
             param.copy_(value)
             used.add(key)
-    ignored = [re.compile(prefix_pattern) for prefix_pattern in family.ignored]
+    ignored = [re.compile(pattern) for pattern in family.ignored]
     unused = [k for k in source if k not in used and not any(p.fullmatch(k.removeprefix(prefix)) for p in ignored)]
     if unused:
         raise CheckpointError(f"checkpoint tensors that no mechscope parameter reads: {unused[:8]}")

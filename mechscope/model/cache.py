@@ -99,10 +99,21 @@ class ActivationCache(Mapping[str, Tensor]):
             raise IndexError(f"layer {layer} is out of range for {n} layers")
         return resolved
 
-    def _stack(self, parts: list[tuple[str, Tensor]], pos_slice: PosSlice, return_labels: bool) -> Labelled:
-        labels = [label for label, _ in parts]
+    def _stacked(
+        self,
+        parts: list[tuple[str, Tensor]],
+        pos_slice: PosSlice,
+        return_labels: bool,
+        apply_ln: bool,
+        layer: int,
+        mlp_input: bool = False,
+    ) -> Labelled:
+        """Stack labelled components along a new first dimension, optionally through the norm
+        that reads them at ``layer`` (the tail every decomposition method shares)."""
         stack = torch.stack([slice_dim(t, pos_slice, -2) for _, t in parts])
-        return (stack, labels) if return_labels else stack
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, [label for label, _ in parts]) if return_labels else stack
 
     def accumulated_resid(
         self,
@@ -129,10 +140,7 @@ class ActivationCache(Mapping[str, Tensor]):
             parts.append(("final_post", self["resid_post", n - 1]))
         else:
             parts.append((f"{layer}_pre", self["resid_pre", layer]))
-        stack, labels = self._stack(parts, pos_slice, return_labels=True)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._stacked(parts, pos_slice, return_labels, apply_ln, layer, mlp_input)
 
     def decompose_resid(
         self,
@@ -159,10 +167,7 @@ class ActivationCache(Mapping[str, Tensor]):
                 parts.append((f"{i}_attn_out", self["attn_out", i]))
             if mode != "attn" and i < layer and self.model.blocks[i].has_mlp:
                 parts.append((f"{i}_mlp_out", self["mlp_out", i]))
-        stack, labels = self._stack(parts, pos_slice, return_labels=True)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._stacked(parts, pos_slice, return_labels, apply_ln, layer, mlp_input)
 
     def head_results(self, layer: int) -> Float[Tensor, "batch pos head d_model"]:
         """What each head of ``layer`` wrote: the cached ``hook_result``, or computed from the
@@ -194,10 +199,7 @@ class ActivationCache(Mapping[str, Tensor]):
             total = self["resid_post", -1] if layer == self.model.cfg.n_layers else self["resid_pre", layer]
             heads = sum(t for _, t in parts) if parts else torch.zeros_like(total)
             parts.append(("remainder", total - heads))
-        stack, labels = self._stack(parts, pos_slice, return_labels=True)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._stacked(parts, pos_slice, return_labels, apply_ln, layer)
 
     # ------------------------------------------------------------ through the norm and unembed
     def ln_scale(self, layer: int | None = None, mlp_input: bool = False) -> Float[Tensor, "... 1"]:

@@ -40,6 +40,11 @@ def laid_out(shape: Sequence[int], order: Sequence[int], dtype: torch.dtype) -> 
     return nn.Parameter(storage.permute(*inverse))
 
 
+def bias(*shape: int, enabled: bool, dtype: torch.dtype) -> nn.Parameter | None:
+    """A zero-initialised bias of ``shape``, or None for architectures without one."""
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype)) if enabled else None
+
+
 def affine(
     x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"] | None
 ) -> Float[Tensor, "... d_out"]:
@@ -112,11 +117,10 @@ class Attention(nn.Module):
         self.W_K = laid_out((h, d, e), (1, 0, 2), cfg.dtype)
         self.W_V = laid_out((h, d, e), (1, 0, 2), cfg.dtype)
         self.W_O = nn.Parameter(torch.empty(h, e, d, dtype=cfg.dtype))
-        zeros = (lambda *s: nn.Parameter(torch.zeros(*s, dtype=cfg.dtype))) if cfg.attn_bias else None
-        self.b_Q = zeros(h, e) if zeros else None
-        self.b_K = zeros(h, e) if zeros else None
-        self.b_V = zeros(h, e) if zeros else None
-        self.b_O = zeros(d) if zeros else None
+        self.b_Q = bias(h, e, enabled=cfg.attn_bias, dtype=cfg.dtype)
+        self.b_K = bias(h, e, enabled=cfg.attn_bias, dtype=cfg.dtype)
+        self.b_V = bias(h, e, enabled=cfg.attn_bias, dtype=cfg.dtype)
+        self.b_O = bias(d, enabled=cfg.attn_bias, dtype=cfg.dtype)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -216,8 +220,8 @@ class MLP(nn.Module):
         d, m = cfg.d_model, cfg.d_mlp
         self.W_in = nn.Parameter(torch.empty(d, m, dtype=cfg.dtype))
         self.W_out = nn.Parameter(torch.empty(m, d, dtype=cfg.dtype))
-        self.b_in = nn.Parameter(torch.zeros(m, dtype=cfg.dtype)) if cfg.mlp_bias else None
-        self.b_out = nn.Parameter(torch.zeros(d, dtype=cfg.dtype)) if cfg.mlp_bias else None
+        self.b_in = bias(m, enabled=cfg.mlp_bias, dtype=cfg.dtype)
+        self.b_out = bias(d, enabled=cfg.mlp_bias, dtype=cfg.dtype)
         self.act = ACTIVATIONS[cfg.act_fn]
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()
@@ -235,7 +239,7 @@ class Unembed(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_U = laid_out((cfg.d_model, cfg.d_vocab), (1, 0), cfg.dtype)
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
+        self.b_U = bias(cfg.d_vocab, enabled=cfg.unembed_bias, dtype=cfg.dtype)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return affine(x, self.W_U, self.b_U)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -47,22 +47,30 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific notes, kept for display
 
     def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
+            check_positive_int(name, getattr(self, name))
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; give d_head explicitly"
                 )
             self.d_head = self.d_model // self.n_heads
-        if self.d_mlp is None:
-            self.d_mlp = 0 if self.attn_only else 4 * self.d_model
+        check_positive_int("d_head", self.d_head)
         if self.attn_only:
             self.d_mlp = 0
+        elif self.d_mlp is None:
+            self.d_mlp = 4 * self.d_model
         if self.attn_scale is None:
             self.attn_scale = float(self.d_head) ** 0.5
-        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx", "d_head"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name, kind in (
+            ("act_fn", Activation),
+            ("normalization", NormKind),
+            ("positional_embedding", PositionalKind),
+        ):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {get_args(kind)}")
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"ModelConfig.dtype must be a torch.dtype (e.g. torch.float32), got {self.dtype!r}")
 
     @property
     def has_mlp(self) -> bool:
@@ -87,3 +95,8 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")

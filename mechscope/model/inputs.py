@@ -18,8 +18,9 @@ class InputError(ValueError):
     """The input to a model is malformed; the message says what and which limit."""
 
 
-def check_tokens(tokens: object, cfg: ModelConfig) -> Int[Tensor, "batch pos"]:
-    """Validate a batch of token ids, adding the batch dimension to a single sequence."""
+def check_tokens(tokens: object, cfg: ModelConfig, shape: torch.Size | None = None) -> Int[Tensor, "batch pos"]:
+    """Validate a batch of token ids, adding the batch dimension to a single sequence;
+    ``shape`` is the ``[batch, pos]`` they must have (the residual stream's, with start_at_layer)."""
     if not isinstance(tokens, Tensor):
         raise InputError(f"tokens must be a torch.Tensor of integer ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -32,6 +33,8 @@ def check_tokens(tokens: object, cfg: ModelConfig) -> Int[Tensor, "batch pos"]:
         raise InputError(f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}")
     if tokens.numel() == 0:
         raise InputError(f"tokens are empty (shape {tuple(tokens.shape)}); give at least one token")
+    if shape is not None and tuple(tokens.shape) != tuple(shape):
+        raise InputError(f"tokens have shape {tuple(tokens.shape)} but the residual stream is {tuple(shape)}")
     if tokens.shape[1] > cfg.n_ctx:
         raise InputError(f"sequence length {tokens.shape[1]} exceeds the model's context of n_ctx={cfg.n_ctx} tokens")
     out_of_range = (tokens < 0) | (tokens >= cfg.d_vocab)
@@ -61,11 +64,15 @@ def check_attention_mask(mask: Tensor | None, shape: torch.Size) -> Int[Tensor, 
         mask = mask[None]
     if tuple(mask.shape) != tuple(shape):
         raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the input is {tuple(shape)}")
-    if ((mask != 0) & (mask != 1)).any():
+    # One host-device sync for all three facts, not one each.
+    binary, nonempty, full = torch.stack(
+        [((mask == 0) | (mask == 1)).all(), (mask.sum(-1) > 0).all(), mask.bool().all()]
+    ).tolist()
+    if not binary:
         raise InputError("attention_mask must contain only 0 (padding) and 1 (real token)")
-    if not (mask.sum(-1) > 0).all():
+    if not nonempty:
         raise InputError("attention_mask marks every token of some sequence as padding")
-    return None if bool(mask.all()) else mask.long()
+    return None if full else mask.long()
 
 
 def positions(
@@ -78,7 +85,8 @@ def positions(
     """Position of every token: given, counted over real tokens, or simply 0, 1, 2, ..."""
     if position_ids is not None:
         position_ids = position_ids.to(device).expand(*shape)
-        if position_ids.min() < 0 or position_ids.max() >= cfg.n_ctx:
+        low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one sync
+        if low < 0 or high >= cfg.n_ctx:
             raise InputError(f"position_ids must lie in [0, {cfg.n_ctx - 1}] (n_ctx={cfg.n_ctx})")
         return position_ids
     if attention_mask is not None:

@@ -148,10 +148,10 @@ class Transformer(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
-        ``input`` is a batch of token ids (or one sequence), or, with ``start_at_layer``, the residual stream
-        entering that block. ``attention_mask`` marks real tokens (1) and padding (0); positions
-        are then counted over real tokens only, so a left-padded prompt is computed exactly
-        like the unpadded one. With ``stop_at_layer`` the residual stream entering that block
+        ``input`` is a batch of token ids (or one sequence), or, with ``start_at_layer``, the
+        residual stream entering that block. ``attention_mask`` marks real tokens (1) and padding
+        (0); positions are then counted over real tokens only, so a left-padded prompt is
+        computed exactly like the unpadded one. With ``stop_at_layer`` the residual stream entering that block
         is returned instead of logits. ``return_type`` is ``"logits"``, ``"loss"`` (mean
         next-token cross-entropy over non-padding pairs), ``"both"`` or ``None``.
         """
@@ -164,7 +164,7 @@ class Transformer(nn.Module):
         else:
             inputs.check_residual(input, self.cfg)
             resid_shape = input.shape[:2]
-            tokens = None if tokens is None else inputs.check_tokens(tokens, self.cfg)
+            tokens = None if tokens is None else inputs.check_tokens(tokens, self.cfg, shape=resid_shape)
         attention_mask = inputs.check_attention_mask(attention_mask, resid_shape)
         positions = inputs.positions(attention_mask, position_ids, resid_shape, self.cfg, input.device)
         mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
@@ -253,7 +253,8 @@ class Transformer(nn.Module):
         for point in self.hook_dict.values():
             point.remove_hooks()
 
-    # ----------------------------------------------------------------- views
+    # ----------------------------------------------------------------- weights of every layer
+    # (stacked copies for reading; the parameters themselves live on each block)
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
         return self.embed.W_E

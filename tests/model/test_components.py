@@ -32,7 +32,6 @@ def test_fused_and_explicit_attention_agree_with_padding(lengths, left):
     width = max(lengths)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, n in enumerate(lengths):
-        mask[row, width - n :] if left else None
         if left:
             mask[row, width - n :] = 1
         else:

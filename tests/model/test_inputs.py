@@ -77,6 +77,13 @@ def test_bad_attention_mask_values():
         MODEL(tokens, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))
 
 
+@pytest.mark.bad_input
+def test_tokens_that_do_not_match_the_residual_stream():
+    resid = MODEL(torch.zeros(1, 3, dtype=torch.long), stop_at_layer=1)
+    with pytest.raises(InputError, match=r"tokens have shape \(2, 4\) but the residual stream is \(1, 3\)"):
+        MODEL(resid, "loss", start_at_layer=1, tokens=torch.zeros(2, 4, dtype=torch.long))
+
+
 def test_bad_position_ids():
     with pytest.raises(InputError, match=r"position_ids must lie in \[0, 23\]"):
         MODEL(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.tensor([[0, 1, 2, 24]]))

@@ -16,6 +16,19 @@ def test_config_defaults_and_validation():
         ModelConfig(n_layers=1, d_model=10, n_heads=4, d_vocab=10, n_ctx=8)
     with pytest.raises(ValueError, match="n_layers must be a positive integer"):
         ModelConfig(n_layers=0, d_model=16, n_heads=4, d_vocab=10, n_ctx=8)
+    with pytest.raises(ValueError, match="n_heads must be a positive integer"):
+        ModelConfig(n_layers=1, d_model=16, n_heads=0, d_vocab=10, n_ctx=8)
+    assert ModelConfig.from_dict({**cfg.to_dict(), "dtype": "bfloat16"}).dtype == torch.bfloat16
+
+
+@pytest.mark.bad_input
+def test_config_refuses_values_outside_its_choices():
+    with pytest.raises(ValueError, match=r"act_fn='swish' is not one of \('gelu'"):
+        ModelConfig(n_layers=1, d_model=16, n_heads=4, d_vocab=10, n_ctx=8, act_fn="swish")
+    with pytest.raises(ValueError, match="normalization='rms'"):
+        ModelConfig(n_layers=1, d_model=16, n_heads=4, d_vocab=10, n_ctx=8, normalization="rms")
+    with pytest.raises(ValueError, match=r"dtype must be a torch\.dtype"):
+        ModelConfig(n_layers=1, d_model=16, n_heads=4, d_vocab=10, n_ctx=8, dtype="float32")
 
 
 def test_seeded_models_are_reproducible():
