@@ -14,9 +14,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
-Activation = Literal["gelu", "gelu_new", "gelu_fast", "relu", "silu"]
-NormKind = Literal["layernorm", "none"]
-PositionalKind = Literal["learned", "none"]
+Activation = Literal["gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu"]
+NormKind = Literal["layernorm", "rmsnorm", "none"]
+PositionalKind = Literal["learned", "rotary", "none"]
+RotaryStyle = Literal["neox", "gptj"]  # rotate halves [x1 | x2], or interleaved pairs (x0, x1), (x2, x3)...
+QKNorm = Literal["none", "per_head", "all_heads"]  # RMSNorm over each head's d_head, or over all heads at once
+RopeKind = Literal["default", "linear", "dynamic", "llama3"]
 
 
 @dataclass
@@ -30,15 +33,38 @@ class ModelConfig:
     n_ctx: int
     d_head: int | None = None  # defaults to d_model // n_heads
     d_mlp: int | None = None  # defaults to 4 * d_model; 0 means attention-only
+    n_key_value_heads: int | None = None  # fewer than n_heads: grouped-query attention; 1: multi-query
     act_fn: Activation = "gelu_new"
+    gated_mlp: bool = False  # W_out · (act(W_gate·x) * W_in·x): SwiGLU with silu, GeGLU with gelu
+    # --- normalisation
     normalization: NormKind = "layernorm"
-    positional_embedding: PositionalKind = "learned"
     eps: float = 1e-5
+    norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + w): Gemma stores w around 0, offset 1
+    pre_norm: bool = True  # ln1 / ln2 before attention / MLP (GPT-2 and most models)
+    post_norm: bool = False  # ln1_post / ln2_post on attention / MLP outputs (Gemma 2 both; OLMo 2 only post)
+    qk_norm: QKNorm = "none"  # RMSNorm of queries and keys before the rotary (Qwen3 per head, OLMo 2 all heads)
+    # --- positions
+    positional_embedding: PositionalKind = "learned"
+    rotary_dim: int | None = None  # rotated dimensions of each head; defaults to d_head (partial rotary: fewer)
+    rotary_style: RotaryStyle = "neox"
+    rotary_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "dynamic" | "llama3", "factor": ...}
+    # --- attention
     attn_scale: float | None = None  # defaults to sqrt(d_head); scores are divided by it
-    attn_bias: bool = True  # biases on Q, K, V and O
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    sliding_window: int | None = None  # a query sees at most this many keys, itself included
+    sliding_window_layers: list[int] | None = None  # the layers that use the window; None: all of them
+    ungroup_grouped_query_attention: bool = False  # expand K/V to every query head before hook_k / hook_v
+    # --- block shape and biases
+    parallel_attn_mlp: bool = False  # resid + attn(ln1(resid)) + mlp(ln2(resid)) (GPT-J, Pythia)
+    attn_bias: bool = True  # biases on Q, K and V
+    attn_out_bias: bool = True  # bias on the attention output
     mlp_bias: bool = True
-    unembed_bias: bool = False
     attn_only: bool = False
+    # --- ends
+    embed_scale: float | None = None  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
+    unembed_bias: bool = False
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     original_architecture: str | None = None  # the HuggingFace model_type it came from
     tokenizer_name: str | None = None
     initializer_range: float = 0.02
@@ -62,19 +88,48 @@ class ModelConfig:
             self.d_mlp = 4 * self.d_model
         if self.attn_scale is None:
             self.attn_scale = float(self.d_head) ** 0.5
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        check_positive_int("n_key_value_heads", self.n_key_value_heads)
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_key_value_heads={self.n_key_value_heads}")
         for name, kind in (
             ("act_fn", Activation),
             ("normalization", NormKind),
             ("positional_embedding", PositionalKind),
+            ("rotary_style", RotaryStyle),
+            ("qk_norm", QKNorm),
         ):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {get_args(kind)}")
+        if self.positional_embedding == "rotary":
+            self.rotary_dim = self.d_head if self.rotary_dim is None else self.rotary_dim
+            if not isinstance(self.rotary_dim, int) or not 0 < self.rotary_dim <= self.d_head or self.rotary_dim % 2:
+                raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, d_head={self.d_head}]")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in get_args(RopeKind):
+            raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {get_args(RopeKind)}")
+        if self.sliding_window is not None:
+            check_positive_int("sliding_window", self.sliding_window)
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"ModelConfig.dtype must be a torch.dtype (e.g. torch.float32), got {self.dtype!r}")
 
     @property
     def has_mlp(self) -> bool:
         return not self.attn_only and bool(self.d_mlp)
+
+    @property
+    def n_kv_heads_exposed(self) -> int:
+        """How many key/value heads ``hook_k`` and ``hook_v`` show."""
+        return self.n_heads if self.ungroup_grouped_query_attention else self.n_key_value_heads
+
+    def window(self, layer: int) -> int | None:
+        """The sliding-window length of ``layer``'s attention, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (dtype as its name)."""
