@@ -18,9 +18,12 @@ class InputError(ValueError):
     """The input to a model is malformed; the message says what and which limit."""
 
 
-def check_tokens(tokens: object, cfg: ModelConfig, shape: torch.Size | None = None) -> Int[Tensor, "batch pos"]:
+def check_tokens(
+    tokens: object, cfg: ModelConfig, shape: torch.Size | None = None, n_past: int = 0
+) -> Int[Tensor, "batch pos"]:
     """Validate a batch of token ids, adding the batch dimension to a single sequence;
-    ``shape`` is the ``[batch, pos]`` they must have (the residual stream's, with start_at_layer)."""
+    ``shape`` is the ``[batch, pos]`` they must have (the residual stream's, with start_at_layer);
+    ``n_past`` tokens are already in a key-value cache and count towards the context."""
     if not isinstance(tokens, Tensor):
         raise InputError(f"tokens must be a torch.Tensor of integer ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -35,8 +38,10 @@ def check_tokens(tokens: object, cfg: ModelConfig, shape: torch.Size | None = No
         raise InputError(f"tokens are empty (shape {tuple(tokens.shape)}); give at least one token")
     if shape is not None and tuple(tokens.shape) != tuple(shape):
         raise InputError(f"tokens have shape {tuple(tokens.shape)} but the residual stream is {tuple(shape)}")
-    if tokens.shape[1] > cfg.n_ctx:
-        raise InputError(f"sequence length {tokens.shape[1]} exceeds the model's context of n_ctx={cfg.n_ctx} tokens")
+    if n_past + tokens.shape[1] > cfg.n_ctx:
+        cached = f" ({n_past} cached + {tokens.shape[1]} new)" if n_past else ""
+        length = n_past + tokens.shape[1]
+        raise InputError(f"sequence length {length}{cached} exceeds the model's context of n_ctx={cfg.n_ctx} tokens")
     out_of_range = (tokens < 0) | (tokens >= cfg.d_vocab)
     if out_of_range.any():
         bad = tokens[out_of_range][0].item()
@@ -81,8 +86,10 @@ def positions(
     shape: torch.Size,
     cfg: ModelConfig,
     device: torch.device,
+    past: Int[Tensor, " batch"] | None = None,
 ) -> Int[Tensor, "batch pos"]:
-    """Position of every token: given, counted over real tokens, or simply 0, 1, 2, ..."""
+    """Position of every token: given, counted over real tokens, or simply 0, 1, 2, ...
+    ``past`` is how many real tokens each row already has in a key-value cache."""
     if position_ids is not None:
         position_ids = position_ids.to(device).expand(*shape)
         low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one sync
@@ -90,8 +97,10 @@ def positions(
             raise InputError(f"position_ids must lie in [0, {cfg.n_ctx - 1}] (n_ctx={cfg.n_ctx})")
         return position_ids
     if attention_mask is not None:
-        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return torch.arange(shape[1], device=device).expand(*shape)
+        counted = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        counted = torch.arange(shape[1], device=device).expand(*shape)
+    return counted if past is None else counted + past[:, None]
 
 
 def layer_index(value: int | None, n_layers: int, what: str, default: int) -> int:

@@ -17,78 +17,90 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from mechscope.model import inputs
+from mechscope.model.attention import Attention, AttentionContext, softcap
 from mechscope.model.cache import ActivationCache
-from mechscope.model.components import (
-    MLP,
-    Attention,
-    Embed,
-    LayerNorm,
-    PosEmbed,
-    Unembed,
-    attention_mask_from_padding,
-    split_per_head,
-)
+from mechscope.model.components import Embed, PosEmbed, Unembed, split_per_head
 from mechscope.model.config import ModelConfig
 from mechscope.model.hooks import HookFn, HookHandle, HookPoint, NameFilter, attached, resolve
+from mechscope.model.kv_cache import KeyValueCache
+from mechscope.model.mlp import MLP
+from mechscope.model.norms import make_norm
+from mechscope.model.rotary import rotary_angles
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
 class TransformerBlock(nn.Module):
-    """Attention then MLP, each reading a LayerNormed copy of the residual stream and adding
-    its output back (pre-norm, as in GPT-2)."""
+    """Attention then MLP, each reading a normalised copy of the residual stream and adding
+    its output back (pre-norm, as in GPT-2).
+
+    The configuration varies the plumbing, not the idea: ``post_norm`` also normalises each
+    sublayer's output before it is added (Gemma 2; OLMo 2 without the pre-norms), and
+    ``parallel_attn_mlp`` feeds attention and MLP the same input and adds both at once
+    (GPT-J, Pythia), so such blocks have no ``hook_resid_mid``.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_heads = cfg.n_heads
+        self.cfg = cfg
         self.has_mlp = cfg.has_mlp
+        self.parallel = cfg.parallel_attn_mlp and self.has_mlp
+        identity = nn.Identity
         # Registered in the order they run, so hook_dict lists hook points in execution order.
         self.hook_resid_pre = HookPoint()
         self.hook_attn_in = HookPoint(opt_in=True)  # [batch, pos, head, d_model]
         self.hook_q_input = HookPoint(opt_in=True)
-        self.hook_k_input = HookPoint(opt_in=True)
+        self.hook_k_input = HookPoint(opt_in=True)  # [batch, pos, kv_head, d_model]
         self.hook_v_input = HookPoint(opt_in=True)
-        self.ln1 = LayerNorm(cfg) if cfg.normalization == "layernorm" else nn.Identity()
-        self.attn = Attention(cfg)
+        self.ln1 = make_norm(cfg) if cfg.pre_norm else identity()
+        self.attn = Attention(cfg, layer)
+        self.ln1_post = make_norm(cfg) if cfg.post_norm else identity()
         self.hook_attn_out = HookPoint()
         if self.has_mlp:
-            self.hook_resid_mid = HookPoint()
+            if not self.parallel:
+                self.hook_resid_mid = HookPoint()
             self.hook_mlp_in = HookPoint(opt_in=True)
-            self.ln2 = LayerNorm(cfg) if cfg.normalization == "layernorm" else nn.Identity()
+            self.ln2 = make_norm(cfg) if cfg.pre_norm else identity()
             self.mlp = MLP(cfg)
+            self.ln2_post = make_norm(cfg) if cfg.post_norm else identity()
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(
-        self,
-        resid_pre: Float[Tensor, "batch pos d_model"],
-        mask: Bool[Tensor, "batch 1 query_pos key_pos"] | None,
+        self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(*self.attention_inputs(resid_pre), mask))
+        attn_out = self.hook_attn_out(self.ln1_post(self.attn(*self.attention_inputs(resid_pre), ctx)))
         if not self.has_mlp:
             return self.hook_resid_post(resid_pre + attn_out)
+        if self.parallel:
+            return self.hook_resid_post(resid_pre + attn_out + self.mlp_out(resid_pre))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        return self.hook_resid_post(resid_mid + self.mlp_out(resid_mid))
+
+    def mlp_out(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid)))))
 
     def attention_inputs(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised inputs for queries, keys and values.
 
         Normally one tensor shared by all heads. When a per-head input hook is in use, each
         head gets its own copy of the residual stream (before the norm), so patching one head's
-        query input leaves every other head untouched.
+        query input leaves every other head untouched. Keys and values get one copy per
+        key/value head.
         """
         per_head_hooks = (self.hook_attn_in, self.hook_q_input, self.hook_k_input, self.hook_v_input)
         if not any(h.is_active for h in per_head_hooks):
             x = self.ln1(resid_pre)
             return x, x, x
-        per_head = self.hook_attn_in(split_per_head(resid_pre, self.n_heads))
+        per_head = self.hook_attn_in(split_per_head(resid_pre, self.cfg.n_heads))
+        group = self.cfg.n_heads // self.cfg.n_kv_heads_exposed
+        per_kv_head = per_head if group == 1 else per_head[:, :, ::group].contiguous()  # one per key/value head
         return (
             self.ln1(self.hook_q_input(per_head)),
-            self.ln1(self.hook_k_input(per_head)),
-            self.ln1(self.hook_v_input(per_head)),
+            self.ln1(self.hook_k_input(per_kv_head)),
+            self.ln1(self.hook_v_input(per_kv_head)),
         )
 
 
@@ -108,7 +120,7 @@ class Transformer(nn.Module):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        self.ln_final = LayerNorm(cfg) if cfg.normalization == "layernorm" else nn.Identity()
+        self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
         self.hook_dict: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
@@ -128,10 +140,11 @@ class Transformer(nn.Module):
                 if leaf.startswith("W_"):
                     noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
                     param.copy_(noise * self.cfg.initializer_range)
-                elif leaf == "w":
-                    param.fill_(1.0)
-                else:
+                elif leaf.startswith("b_"):
                     param.zero_()
+        for module in self.modules():
+            if hasattr(module, "reset_parameters") and not isinstance(module, Transformer):
+                module.reset_parameters()  # norms: unit scale, zero shift
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -145,6 +158,7 @@ class Transformer(nn.Module):
         stop_at_layer: int | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        past_kv_cache: KeyValueCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -154,35 +168,62 @@ class Transformer(nn.Module):
         computed exactly like the unpadded one. With ``stop_at_layer`` the residual stream entering that block
         is returned instead of logits. ``return_type`` is ``"logits"``, ``"loss"`` (mean
         next-token cross-entropy over non-padding pairs), ``"both"`` or ``None``.
+        ``past_kv_cache`` holds the keys and values of earlier tokens (see ``generate``): the
+        input is then only the new tokens, and the cache is extended with them.
         """
         n_layers = self.cfg.n_layers
         start = inputs.layer_index(start_at_layer, n_layers, "start_at_layer", default=0)
         stop = inputs.layer_index(stop_at_layer, n_layers, "stop_at_layer", default=n_layers)
         if start_at_layer is None:
-            tokens = inputs.check_tokens(input, self.cfg)
+            tokens = inputs.check_tokens(input, self.cfg, n_past=0 if past_kv_cache is None else past_kv_cache.n_seen)
             resid_shape = tokens.shape
         else:
             inputs.check_residual(input, self.cfg)
             resid_shape = input.shape[:2]
             tokens = None if tokens is None else inputs.check_tokens(tokens, self.cfg, shape=resid_shape)
         attention_mask = inputs.check_attention_mask(attention_mask, resid_shape)
-        positions = inputs.positions(attention_mask, position_ids, resid_shape, self.cfg, input.device)
-        mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
+        ctx, positions = self.attention_context(attention_mask, position_ids, resid_shape, input.device, past_kv_cache)
 
         resid = self.embed_tokens(tokens, positions) if start_at_layer is None else input
         for block in self.blocks[start:stop]:
-            resid = block(resid, mask)
+            resid = block(resid, ctx)
         if stop_at_layer is not None:
             return resid
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))
+        if self.cfg.final_softcap is not None:
+            logits = softcap(logits, self.cfg.final_softcap)
         if return_type == "logits":
             return logits
         if tokens is None:
             raise ValueError("a loss needs the tokens: pass tokens= when starting at a layer")
         loss = next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def attention_context(
+        self,
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        position_ids: Int[Tensor, "batch pos"] | None,
+        shape: torch.Size,
+        device: torch.device,
+        cache: KeyValueCache | None,
+    ) -> tuple[AttentionContext, Int[Tensor, "batch pos"]]:
+        """Positions of the new tokens, and what attention needs to know for this pass: the
+        padding of every key (cached ones too) and the rotary angles."""
+        padding, past_real = attention_mask, None
+        if cache is not None:
+            past_real = cache.n_real()
+            new = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.long, device=device)
+            padding = cache.extend_mask(new)
+            if bool(padding.all()):
+                padding = None
+        positions = inputs.positions(attention_mask, position_ids, shape, self.cfg, device, past=past_real)
+        rotary = None
+        if self.cfg.positional_embedding == "rotary":
+            rotary = rotary_angles(self.cfg, positions, self.W_E.dtype)
+        n_key = shape[1] if cache is None else cache.n_seen
+        return AttentionContext(shape[1], padding, n_key, rotary, cache), positions
 
     def embed_tokens(
         self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"]

@@ -6,7 +6,8 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechscope.model.components import attention_mask_from_padding, causal_mask, laid_out
+from mechscope.model.attention import attention_mask_from_padding, causal_mask
+from mechscope.model.components import laid_out
 from tests.conftest import random_model
 
 
