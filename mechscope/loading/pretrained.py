@@ -90,6 +90,55 @@ class Model(Transformer):
                 kwargs["attention_mask"] = mask.to(self.W_E.device)
         return super().forward(input, return_type, **kwargs)
 
+    # ------------------------------------------------------------ text out
+    def generate(self, input, max_new_tokens: int = 20, *, stop_at_eos: bool = True, **options):
+        """As :meth:`Transformer.generate`; text in gives text out (prompt included, as
+        TransformerLens does), and a batch of texts is left-padded. Generation stops at the
+        tokenizer's end-of-sequence token unless ``stop_at_eos=False`` or ``stop_tokens`` is given."""
+        text = self._is_text(input)
+        input, options = self._generation_inputs(input, stop_at_eos, options)
+        tokens = super().generate(input, max_new_tokens, **options)
+        if not text:
+            return tokens
+        decoded = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
+        return decoded[0] if isinstance(text, str) else decoded
+
+    def generate_stream(self, input, max_new_tokens: int = 20, *, stop_at_eos: bool = True, **options):
+        """Yield each step's new tokens; for text input, each step's new text (a string, or a
+        list of strings for a batch)."""
+        text = self._is_text(input)
+        input, options = self._generation_inputs(input, stop_at_eos, options)
+        for new in super().generate_stream(input, max_new_tokens, **options):
+            if not text:
+                yield new
+                continue
+            pieces = [self.tokenizer.decode([t], skip_special_tokens=True) for t in new.tolist()]
+            yield pieces[0] if isinstance(text, str) else pieces
+
+    @staticmethod
+    def _is_text(input) -> str | list[str] | None:
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            return input
+        return None
+
+    def _generation_inputs(self, input, stop_at_eos: bool, options: dict) -> tuple[Tensor, dict]:
+        """Tokenise text (left-padded, so every row's next token comes last) and fill in the
+        tokenizer's stop and padding tokens."""
+        options = dict(options)
+        if self._is_text(input) is not None:
+            tokens, mask = tok.to_tokens(
+                self.tokenizer, input, options.pop("prepend_bos", None), "left", self.cfg.n_ctx
+            )
+            input = tokens.to(self.W_E.device)
+            if not bool(mask.all()):
+                options.setdefault("attention_mask", mask.to(self.W_E.device))
+        if self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+            if stop_at_eos and eos is not None:
+                options.setdefault("stop_tokens", eos)
+            options.setdefault("pad_token", tok.pad_id(self.tokenizer))
+        return input, options
+
     def to_tokens(
         self,
         text: str | list[str],

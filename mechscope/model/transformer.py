@@ -21,6 +21,7 @@ from mechscope.model.attention import Attention, AttentionContext, softcap
 from mechscope.model.cache import ActivationCache
 from mechscope.model.components import Embed, PosEmbed, Unembed, split_per_head
 from mechscope.model.config import ModelConfig
+from mechscope.model.generate import generate_tokens, stream_tokens
 from mechscope.model.hooks import HookFn, HookHandle, HookPoint, NameFilter, attached, resolve
 from mechscope.model.kv_cache import KeyValueCache
 from mechscope.model.mlp import MLP
@@ -233,6 +234,34 @@ class Transformer(nn.Module):
         if self.cfg.positional_embedding == "learned":
             resid = resid + self.hook_pos_embed(self.pos_embed(positions))
         return resid
+
+    # ----------------------------------------------------------------- generation
+    def generate(
+        self,
+        input: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+        max_new_tokens: int = 20,
+        *,
+        fwd_hooks: Iterable[tuple[NameFilter, HookFn]] = (),
+        **options,
+    ) -> Int[Tensor, "batch _"]:
+        """The prompt followed by up to ``max_new_tokens`` generated tokens; ``fwd_hooks`` are
+        active on every step. Options (``temperature`` (0: greedy, the default), ``top_k``,
+        ``top_p``, ``stop_tokens``, ``attention_mask``, ``use_kv_cache``, ``generator``) are
+        those of :func:`mechscope.model.generate.stream_tokens`."""
+        with self.hooks(fwd_hooks):
+            return generate_tokens(self, input, max_new_tokens, **options)
+
+    def generate_stream(
+        self,
+        input: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+        max_new_tokens: int = 20,
+        *,
+        fwd_hooks: Iterable[tuple[NameFilter, HookFn]] = (),
+        **options,
+    ) -> Iterator[Int[Tensor, " batch"]]:
+        """As :meth:`generate`, but yields each step's new tokens as soon as they are chosen."""
+        with self.hooks(fwd_hooks):
+            yield from stream_tokens(self, input, max_new_tokens, **options)
 
     # ----------------------------------------------------------------- hooks
     @contextmanager

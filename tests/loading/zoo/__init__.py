@@ -24,7 +24,7 @@ def _discover() -> dict[str, Callable]:
 VARIANTS: dict[str, Callable] = _discover()
 
 
-def save_variant(name: str, directory: Path, seed: int = 0) -> Path:
+def save_variant(name: str, directory: Path, seed: int = 0, noise: float = 0.05) -> Path:
     """Build variant ``name`` with random weights, perturb every norm weight and bias away from
     its 1 / 0 initialisation (so a mis-mapped one shows), and ``save_pretrained`` it."""
     from transformers import AutoModelForCausalLM
@@ -34,6 +34,6 @@ def save_variant(name: str, directory: Path, seed: int = 0) -> Path:
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for param in hf.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+            param.add_(torch.randn_like(param) * noise)
     hf.save_pretrained(directory)
     return directory

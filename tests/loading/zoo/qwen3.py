@@ -1,0 +1,25 @@
+from transformers import Qwen3Config
+
+from tests.loading.zoo import VOCAB
+
+
+def qwen3(**options):
+    sizes = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # not hidden_size / heads, as in the released Qwen3 models
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return Qwen3Config(**(sizes | options))
+
+
+VARIANTS = {
+    "qwen3": lambda: qwen3(),
+    "qwen3-bias-untied": lambda: qwen3(attention_bias=True, tie_word_embeddings=False),
+    "qwen3-window": lambda: qwen3(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+}
