@@ -8,6 +8,7 @@ HuggingFace model through the same family table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from mechscope.loading import tokens as tok
 from mechscope.loading.families import config_for, family_for
 from mechscope.loading.hf import load_weights, local_checkpoint, open_weights
 from mechscope.model.config import ModelConfig
+from mechscope.model.devices import DeviceLike, devices_for, place
 from mechscope.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -42,24 +44,47 @@ class Model(Transformer):
     def from_pretrained(
         cls,
         name_or_path: str | Path,
-        device: torch.device | str = "cpu",
+        device: DeviceLike | Sequence[DeviceLike] = "cpu",
         dtype: torch.dtype = torch.float32,
         tokenizer: Any = None,
+        *,
+        n_devices: int | None = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        **config_overrides: Any,
     ) -> Model:
-        """Load a HuggingFace checkpoint (hub id or local directory) into a mechscope model."""
+        """Load a HuggingFace checkpoint (hub id or local directory) into a mechscope model.
+
+        ``dtype`` is the weights' precision (float32, bfloat16 or float16). ``device`` is one
+        device, or a list of devices across which the layers are split in order; ``n_devices``
+        splits them across the first ``n`` GPUs. Weights are raw by default, so logits equal
+        HuggingFace's; the processing flags apply the steps of :meth:`process_weights`.
+        ``config_overrides`` set :class:`ModelConfig` fields, e.g.
+        ``ungroup_grouped_query_attention=True``.
+        """
         from transformers import AutoConfig
 
         directory = local_checkpoint(name_or_path)
         hf_config = AutoConfig.from_pretrained(directory)
         family = family_for(hf_config.model_type)
-        cfg = config_for(family, hf_config, dtype=dtype, tokenizer_name=str(name_or_path))
+        cfg = config_for(family, hf_config, dtype=dtype, tokenizer_name=str(name_or_path), **config_overrides)
         if tokenizer is None and any((directory / f).exists() for f in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls._empty(cfg, device, tokenizer)
+        model = cls._empty(cfg, devices_for(device, n_devices), tokenizer)
         with ExitStack() as stack:
             load_weights(model, open_weights(directory, stack), family)
+        steps = dict(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+        if any(steps.values()):
+            model.process_weights(**steps)
         return model.eval()
 
     @classmethod
@@ -68,17 +93,40 @@ class Model(Transformer):
         family = family_for(hf_model.config.model_type)
         first = next(hf_model.parameters())
         cfg = config_for(family, hf_model.config, dtype=dtype or first.dtype)
-        model = cls._empty(cfg, first.device, tokenizer)
+        model = cls._empty(cfg, [first.device], tokenizer)
         load_weights(model, hf_model.state_dict(), family)
         return model.eval()
 
     @classmethod
-    def _empty(cls, cfg: ModelConfig, device: torch.device | str, tokenizer: Any) -> Model:
+    def _empty(cls, cfg: ModelConfig, devices: list[torch.device], tokenizer: Any) -> Model:
         """A model whose parameters are allocated but not initialised (they are about to be
         overwritten), built on the meta device so no random weights are ever computed."""
         with torch.device("meta"):
             model = cls(cfg, tokenizer)
-        return model.to_empty(device=device)
+        return place(model, devices, empty=True)
+
+    def process_weights(
+        self,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+    ) -> Model:
+        """Rewrite the weights into an equivalent form that is easier to read (in place; see
+        :mod:`mechscope.loading.processing` for each step's maths and when it applies)."""
+        from mechscope.loading.processing import process_weights
+
+        return process_weights(
+            self,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+
+    def to_devices(self, devices: Sequence[DeviceLike]) -> Model:
+        """Split the layers across ``devices`` in order (see :mod:`mechscope.model.devices`)."""
+        return place(self, devices)
 
     # ------------------------------------------------------------ text in
     def forward(self, input, return_type="logits", *, prepend_bos=None, padding_side="right", **kwargs):

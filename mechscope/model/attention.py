@@ -62,21 +62,29 @@ class AttentionContext:
     n_key: int | None = None  # keys seen (cached and new); defaults to n_query
     rotary: CosSin | None = None
     cache: KeyValueCache | None = None
-    _masks: dict[int | None, Mask | None] = field(default_factory=dict)
+    _masks: dict[tuple[int | None, torch.device], Mask | None] = field(default_factory=dict)
+    _rotary: dict[torch.device, CosSin] = field(default_factory=dict)
 
     def mask(self, window: int | None, device: torch.device) -> Mask | None:
         """The boolean mask for a layer with this ``window``; None means plain causal attention
         over equally many queries and keys, which the fused kernel does without a mask."""
         n_key = self.n_key or self.n_query
-        if window not in self._masks:
+        if (window, device) not in self._masks:
             if self.padding_mask is None and n_key == self.n_query and (window is None or window >= n_key):
-                self._masks[window] = None
+                mask = None
             else:
                 padding = self.padding_mask
                 if padding is None:
                     padding = torch.ones(1, n_key, dtype=torch.long, device=device)
-                self._masks[window] = attention_mask_from_padding(padding, self.n_query, window)
-        return self._masks[window]
+                mask = attention_mask_from_padding(padding.to(device), self.n_query, window)
+            self._masks[window, device] = mask
+        return self._masks[window, device]
+
+    def rotary_on(self, device: torch.device) -> CosSin:
+        """The rotary angles, copied once to each device a layer runs on."""
+        if device not in self._rotary:
+            self._rotary[device] = tuple(t.to(device) for t in self.rotary)
+        return self._rotary[device]
 
 
 class Attention(nn.Module):
@@ -129,8 +137,9 @@ class Attention(nn.Module):
         if self.cfg.qk_norm != "none":
             q, k = self.normalise_heads(q, self.q_norm), self.normalise_heads(k, self.k_norm)
         if ctx.rotary is not None:
-            q = self.hook_rot_q(rotate(q, ctx.rotary, self.cfg.rotary_dim, self.cfg.rotary_style))
-            k = self.hook_rot_k(rotate(k, ctx.rotary, self.cfg.rotary_dim, self.cfg.rotary_style))
+            angles = ctx.rotary_on(q.device)
+            q = self.hook_rot_q(rotate(q, angles, self.cfg.rotary_dim, self.cfg.rotary_style))
+            k = self.hook_rot_k(rotate(k, angles, self.cfg.rotary_dim, self.cfg.rotary_style))
         if ctx.cache is not None:
             k, v = ctx.cache.append(self.layer, k, v)
         mask = ctx.mask(self.window, q.device)

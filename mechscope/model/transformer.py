@@ -123,6 +123,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
+        self.layer_devices: list[torch.device] | None = None  # set when layers are split across devices
         self.hook_dict: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
@@ -187,9 +188,12 @@ class Transformer(nn.Module):
 
         resid = self.embed_tokens(tokens, positions) if start_at_layer is None else input
         for block in self.blocks[start:stop]:
+            if self.layer_devices is not None:  # layers split across devices: follow the residual stream
+                resid = resid.to(self.layer_devices[block.layer])
             resid = block(resid, ctx)
         if stop_at_layer is not None:
             return resid
+        resid = resid.to(self.unembed.W_U.device)
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))
