@@ -131,11 +131,12 @@ class ActivationCache(Mapping[str, Tensor]):
         parts = []
         for i in range(layer):
             parts.append((f"{i}_pre", self["resid_pre", i]))
-            if incl_mid:
+            if incl_mid and self._has_mid(i):
                 parts.append((f"{i}_mid", self["resid_mid", i]))
         if mlp_input and layer < n:
             parts.append((f"{layer}_pre", self["resid_pre", layer]))
-            parts.append((f"{layer}_mid", self["resid_mid", layer]))
+            if self._has_mid(layer):
+                parts.append((f"{layer}_mid", self["resid_mid", layer]))
         elif layer == n:
             parts.append(("final_post", self["resid_post", n - 1]))
         else:
@@ -162,12 +163,19 @@ class ActivationCache(Mapping[str, Tensor]):
             parts.append(("embed", self["hook_embed"]))
             if "hook_pos_embed" in self.model.hook_dict:
                 parts.append(("pos_embed", self["hook_pos_embed"]))
-        for i in range(layer + (1 if mlp_input and layer < self.model.cfg.n_layers else 0)):
+        mlp_reads_attn = mlp_input and layer < self.model.cfg.n_layers and self._has_mid(layer)
+        for i in range(layer + (1 if mlp_reads_attn else 0)):
             if mode != "mlp":
                 parts.append((f"{i}_attn_out", self["attn_out", i]))
             if mode != "attn" and i < layer and self.model.blocks[i].has_mlp:
                 parts.append((f"{i}_mlp_out", self["mlp_out", i]))
         return self._stacked(parts, pos_slice, return_labels, apply_ln, layer, mlp_input)
+
+    def _has_mid(self, layer: int) -> bool:
+        """Whether block ``layer`` has a residual stream between attention and MLP (parallel
+        blocks and attention-only blocks do not: their MLP, if any, reads ``resid_pre``)."""
+        block = self.model.blocks[layer]
+        return block.has_mlp and not block.parallel
 
     def head_results(self, layer: int) -> Float[Tensor, "batch pos head d_model"]:
         """What each head of ``layer`` wrote: the cached ``hook_result``, or computed from the
@@ -210,7 +218,8 @@ class ActivationCache(Mapping[str, Tensor]):
         if layer == n:
             scale_name, input_name = "ln_final.hook_scale", act_name("resid_post", n - 1)
         elif mlp_input:
-            scale_name, input_name = act_name("scale", layer, "ln2"), act_name("resid_mid", layer)
+            stream = "resid_mid" if self._has_mid(layer) else "resid_pre"
+            scale_name, input_name = act_name("scale", layer, "ln2"), act_name(stream, layer)
         else:
             scale_name, input_name = act_name("scale", layer, "ln1"), act_name("resid_pre", layer)
         if scale_name in self._store:
@@ -218,8 +227,9 @@ class ActivationCache(Mapping[str, Tensor]):
         if input_name not in self._store:
             raise HookNameError(f"applying the norm needs {scale_name!r} or {input_name!r} in the cache")
         x = self._store[input_name]
-        eps = self.model.cfg.eps
-        return ((x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        if self.model.cfg.normalization == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.float().pow(2).mean(-1, keepdim=True) + self.model.cfg.eps).sqrt().to(x.dtype)
 
     def apply_ln_to_stack(
         self,
@@ -230,7 +240,8 @@ class ActivationCache(Mapping[str, Tensor]):
         batch_slice: PosSlice = None,
         has_batch_dim: bool = True,
     ) -> Float[Tensor, "... d_model"]:
-        """Centre each component and divide by the norm's scale from this forward pass.
+        """Centre each component (LayerNorm; RMSNorm does not centre) and divide by the norm's
+        scale from this forward pass.
 
         The norm is not linear, but with the scale fixed to its value on the full residual
         stream it is, so the normalised components still sum to the normalised stream. The
@@ -245,18 +256,19 @@ class ActivationCache(Mapping[str, Tensor]):
         scale = slice_dim(scale, pos_slice, -2)
         if not has_batch_dim:
             scale = scale[0] if self.has_batch_dim else scale
-        centred = residual_stack - residual_stack.mean(-1, keepdim=True)
-        return centred / scale
+        if self.model.cfg.normalization == "layernorm":
+            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+        return residual_stack / scale
 
     def unembed_directions(self, tokens: int | str | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
         """The direction in the (normalised) residual stream that a token's logit reads:
-        its unembedding column times the final norm's weight."""
+        its unembedding column times the final norm's weight (``offset + w`` for RMSNorm)."""
         if isinstance(tokens, str):
             tokens = self.model.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.model.W_U.device)
         directions = rearrange(self.model.W_U[:, tokens], "d_model ... -> ... d_model")
         w = getattr(self.model.ln_final, "w", None)
-        return directions if w is None else directions * w
+        return directions if w is None else directions * (w + getattr(self.model.ln_final, "offset", 0.0))
 
     def logit_attrs(
         self,
@@ -272,7 +284,8 @@ class ActivationCache(Mapping[str, Tensor]):
 
         ``residual_stack`` is ``[component, ...]`` as returned by the stack methods, *before*
         the norm is applied (this method applies it). On an unprocessed model, the
-        contributions plus the constant ``ln_final.b · W_U[:, t] + b_U[t]`` sum to the logit.
+        contributions plus the constant ``ln_final.b · W_U[:, t] + b_U[t]`` sum to the logit
+        (before any final soft-capping, which is not linear: Gemma 2).
         """
         scaled = self.apply_ln_to_stack(
             residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim

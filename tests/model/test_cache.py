@@ -153,3 +153,46 @@ def test_cache_device_argument(run):
     model, tokens, _, _ = run
     _, cache = model.run_with_cache(tokens, names_filter="hook_embed", device="cpu")
     assert cache["embed"].device.type == "cpu"
+
+
+ARCHITECTURES = {
+    "llama": dict(
+        positional_embedding="rotary", normalization="rmsnorm", gated_mlp=True, act_fn="silu", n_key_value_heads=2
+    ),
+    "neox-parallel": dict(positional_embedding="rotary", rotary_dim=4, parallel_attn_mlp=True),
+    "gemma2": dict(
+        positional_embedding="rotary",
+        normalization="rmsnorm",
+        norm_weight_offset=1.0,
+        post_norm=True,
+        gated_mlp=True,
+        embed_scale=32**0.5,
+    ),
+    "olmo2": dict(positional_embedding="rotary", normalization="rmsnorm", pre_norm=False, post_norm=True),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_decompositions_and_attributions_hold_for_other_architectures(arch):
+    """Rotary, RMSNorm (with Gemma's offset), parallel blocks and post-norms: the residual
+    decomposition still sums to the stream, the MLP input is what the MLP read, and the
+    logit attributions (with the final norm's scale fixed) still sum to the logit."""
+    model = random_model(**ARCHITECTURES[arch], unembed_bias=False)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(cache.decompose_resid().sum(0), cache["resid_post", -1], atol=1e-5, rtol=0)
+    mlp_in = cache.decompose_resid(layer=1, mlp_input=True).sum(0)
+    expected_in = cache["resid_pre", 1] if arch == "neox-parallel" else cache["resid_mid", 1]
+    torch.testing.assert_close(mlp_in, expected_in, atol=1e-5, rtol=0)
+    assert (arch == "neox-parallel") == ("blocks.0.hook_resid_mid" not in model.hook_dict)
+    _, labels = cache.accumulated_resid(layer=1, incl_mid=True, return_labels=True)
+    assert labels == (["0_pre", "1_pre"] if arch == "neox-parallel" else ["0_pre", "0_mid", "1_pre"])
+    stack = cache.decompose_resid(pos_slice=-1)
+    attrs = cache.logit_attrs(stack, 5, incorrect_tokens=7, pos_slice=-1)
+    constant = 0.0
+    if hasattr(model.ln_final, "b"):
+        constant = model.ln_final.b @ (model.W_U[:, 5] - model.W_U[:, 7])
+    torch.testing.assert_close(attrs.sum(0) + constant, logits[:, -1, 5] - logits[:, -1, 7], atol=1e-4, rtol=0)
+    # the norm's scale recomputed from the residual stream equals the one the model used
+    _, partial = model.run_with_cache(tokens, names_filter="blocks.2.hook_resid_post")
+    torch.testing.assert_close(partial.ln_scale(None), cache["ln_final.hook_scale"], atol=1e-5, rtol=1e-5)
