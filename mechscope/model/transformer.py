@@ -342,7 +342,9 @@ class Transformer(nn.Module):
         return self.unembed.W_U
 
     def _stacked(self, name: str) -> Tensor:
-        return torch.stack([getattr(block.attn, name) for block in self.blocks])
+        """One attention weight of every layer, indexed by query head (shared key/value heads
+        of grouped-query attention are repeated)."""
+        return torch.stack([block.attn.expanded(name) for block in self.blocks])
 
     @property
     def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:

@@ -132,3 +132,12 @@ def test_stacked_weight_views():
     assert model.W_U.shape == (32, 50)
     assert model.W_E.shape == (50, 32)
     assert model.W_pos.shape == (24, 32)
+
+
+def test_stacked_weights_index_query_heads_with_grouped_query_attention():
+    model = random_model(n_key_value_heads=2)
+    assert model.blocks[0].attn.W_K.shape == (2, 32, 8)
+    assert model.W_K.shape == model.W_Q.shape == (3, 4, 32, 8)
+    # query heads 0 and 1 share key/value head 0; heads 2 and 3 share head 1
+    assert torch.equal(model.W_K[1, 1], model.blocks[1].attn.W_K[0])
+    assert torch.equal(model.W_V[2, 3], model.blocks[2].attn.W_V[1])
