@@ -23,6 +23,15 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; more only contend with the other xdist workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

@@ -19,11 +19,12 @@ def test_readme_has_exactly_the_two_quickstart_commands():
 
 
 def test_readme_example_runs(gpt2_dir):
+    """The blocks run in order in one namespace, as a reader would paste them."""
     blocks = python_blocks()
     assert blocks, "the README has no Python example"
+    namespace: dict = {}
     for code in blocks:
         code = code.replace('"gpt2"', repr(str(gpt2_dir)))
-        namespace: dict = {}
         exec(compile(code, str(README), "exec"), namespace)
     assert namespace["attribution"].shape == (namespace["heads"].shape[0], 1)
     assert namespace["logits_from_1"].shape[-1] == namespace["model"].cfg.d_vocab
