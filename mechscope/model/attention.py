@@ -176,15 +176,18 @@ class Attention(nn.Module):
         return x.repeat_interleave(self.group_size, dim=2)
 
     def normalise_heads(self, x: Float[Tensor, "batch pos head d_head"], norm: RMSNorm) -> Tensor:
-        """Q/K normalisation, over each head (Qwen3) or over all heads at once (OLMo 2)."""
+        """Q/K normalisation, over each head (Qwen3) or over all heads at once (OLMo 2).
+
+        Ungrouped keys hold ``group`` copies of every key head; each copy is normalised with the
+        copies of the other key heads it was made alongside, so editing one copy (hook_k)
+        changes only the query heads that read it."""
         if self.cfg.qk_norm == "per_head":
             return norm(x)
-        n_heads = x.shape[2]
-        if norm.d != n_heads * self.d_head:  # ungrouped keys: same RMS, weight repeated per group
-            unique = x[:, :, :: n_heads // (norm.d // self.d_head)]
-            return self.ungroup(self.normalise_heads(unique, norm))
-        flat = norm(rearrange(x, "batch pos head d_head -> batch pos (head d_head)"))
-        return rearrange(flat, "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
+        n_norm_heads = norm.d // self.d_head
+        copies = rearrange(x, "batch pos (head copy) d_head -> batch pos copy (head d_head)", head=n_norm_heads)
+        return rearrange(
+            norm(copies), "batch pos copy (head d_head) -> batch pos (head copy) d_head", head=n_norm_heads
+        )
 
     def explicit_attention(
         self,

@@ -47,6 +47,13 @@ class KeyValueCache:
         self.keys[layer], self.values[layer] = keys, values
         return keys, values
 
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first ``n`` tokens (undoing a step that failed)."""
+        self.keys = [None if k is None or n == 0 else k[:, :n] for k in self.keys]
+        self.values = [None if v is None or n == 0 else v[:, :n] for v in self.values]
+        if self.padding_mask is not None:
+            self.padding_mask = self.padding_mask[:, :n] if n else None
+
     def select(self, rows: Tensor) -> None:
         """Keep only the given batch rows (e.g. dropping sequences that finished)."""
         self.keys = [None if k is None else k[rows] for k in self.keys]

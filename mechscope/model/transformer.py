@@ -186,11 +186,16 @@ class Transformer(nn.Module):
         attention_mask = inputs.check_attention_mask(attention_mask, resid_shape)
         ctx, positions = self.attention_context(attention_mask, position_ids, resid_shape, input.device, past_kv_cache)
 
-        resid = self.embed_tokens(tokens, positions) if start_at_layer is None else input
-        for block in self.blocks[start:stop]:
-            if self.layer_devices is not None:  # layers split across devices: follow the residual stream
-                resid = resid.to(self.layer_devices[block.layer])
-            resid = block(resid, ctx)
+        try:
+            resid = self.embed_tokens(tokens, positions) if start_at_layer is None else input
+            for block in self.blocks[start:stop]:
+                if self.layer_devices is not None:  # layers split across devices: follow the residual stream
+                    resid = resid.to(self.layer_devices[block.layer])
+                resid = block(resid, ctx)
+        except BaseException:
+            if past_kv_cache is not None:  # a failed step must not leave half of itself cached
+                past_kv_cache.truncate(past_kv_cache.n_seen - resid_shape[1])
+            raise
         if stop_at_layer is not None:
             return resid
         resid = resid.to(self.unembed.W_U.device)
@@ -216,14 +221,18 @@ class Transformer(nn.Module):
     ) -> tuple[AttentionContext, Int[Tensor, "batch pos"]]:
         """Positions of the new tokens, and what attention needs to know for this pass: the
         padding of every key (cached ones too) and the rotary angles."""
-        padding, past_real = attention_mask, None
-        if cache is not None:
-            past_real = cache.n_real()
+        past_real = None if cache is None else cache.n_real()
+        if past_real is not None and past_real.shape[0] != shape[0]:
+            raise inputs.InputError(
+                f"the key-value cache holds {past_real.shape[0]} sequences but the input has {shape[0]}"
+            )
+        positions = inputs.positions(attention_mask, position_ids, shape, self.cfg, device, past=past_real)
+        padding = attention_mask
+        if cache is not None:  # only now, with the input validated, does the cache change
             new = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.long, device=device)
             padding = cache.extend_mask(new)
             if bool(padding.all()):
                 padding = None
-        positions = inputs.positions(attention_mask, position_ids, shape, self.cfg, device, past=past_real)
         rotary = None
         if self.cfg.positional_embedding == "rotary":
             rotary = rotary_angles(self.cfg, positions, self.W_E.dtype)
