@@ -73,12 +73,13 @@ def rows(start: int | None = None, stop: int | None = None) -> Transform:
 class From:
     """A mechscope parameter comes from HuggingFace tensor ``name`` (``{i}`` is the layer).
 
-    ``fallback`` is read when ``name`` is absent, e.g. a tied unembedding saved only once.
+    ``fallback`` is read when ``name`` is absent, e.g. a tied unembedding saved only once; a
+    tuple lists several, tried in order.
     """
 
     name: str
     transform: Transform = unchanged
-    fallback: str | None = None
+    fallback: str | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

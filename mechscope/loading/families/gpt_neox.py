@@ -107,8 +107,9 @@ GPT_NEOX = Family(
         "blocks.{i}.mlp.b_out": From("layers.{i}.mlp.dense_4h_to_h.bias"),
         "ln_final.w": From("final_layer_norm.weight"),
         "ln_final.b": From("final_layer_norm.bias"),
-        # saved checkpoints name the head embed_out, a loaded HF model's state dict lm_head
-        "unembed.W_U": From("embed_out.weight", transposed, fallback="lm_head.weight"),
+        # saved checkpoints name the head embed_out, a loaded HF model's state dict lm_head;
+        # a tied checkpoint saves only the embedding
+        "unembed.W_U": From("embed_out.weight", transposed, fallback=("lm_head.weight", "embed_in.weight")),
     },
     prefixes=("gpt_neox.", ""),
     ignored=(r"layers\.\d+\.attention\.(masked_)?bias", r"(.*\.)?rotary_emb\.inv_freq"),

@@ -18,8 +18,8 @@ def gpt_neox(rope=None, **options):
 
 VARIANTS = {
     "gpt_neox": lambda: gpt_neox(),  # Pythia's shape: rotary on a quarter of each head, parallel blocks
-    "gpt_neox-full-rotary-sequential": lambda: gpt_neox(
-        rope={"partial_rotary_factor": 1.0, "rope_theta": 500.0}, use_parallel_residual=False
+    "gpt_neox-full-rotary-sequential-tied": lambda: gpt_neox(
+        rope={"partial_rotary_factor": 1.0, "rope_theta": 500.0}, use_parallel_residual=False, tie_word_embeddings=True
     ),
     "gpt_neox-linear-rope-nobias": lambda: gpt_neox(
         rope={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
