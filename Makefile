@@ -40,6 +40,7 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/loading.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
