@@ -24,7 +24,7 @@ from mechscope.model.kv_cache import KeyValueCache
 from mechscope.model.norms import RMSNorm
 from mechscope.model.rotary import CosSin, rotate
 
-Mask = Bool[Tensor, "batch 1 query_pos key_pos"]
+Mask = Bool[Tensor, "#batch 1 query_pos key_pos"]  # batch 1 when no row is padded
 
 
 def causal_mask(n_query: int, n_key: int, device: torch.device) -> Bool[Tensor, "query_pos key_pos"]:
@@ -153,8 +153,8 @@ class Attention(nn.Module):
     def to_heads(
         self,
         x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos head d_model"],
-        W: Float[Tensor, "head d_model d_head"],
-        b: Float[Tensor, "head d_head"] | None,
+        W: Float[Tensor, "weight_head d_model d_head"],  # fewer heads than x's for ungrouped keys/values
+        b: Float[Tensor, "weight_head d_head"] | None,
     ) -> Float[Tensor, "batch pos head d_head"]:
         """Project the input into every head's query, key or value space."""
         if x.ndim == 4:  # a separate input per head (hook_q_input and friends are in use)
@@ -241,7 +241,7 @@ class Attention(nn.Module):
         return affine(rearrange(z, "batch pos head d_head -> batch pos (head d_head)"), W_O, self.b_O)
 
     # ------------------------------------------------------------ weights per query head
-    def expanded(self, name: str) -> Tensor:
+    def expanded(self, name: str) -> Tensor | None:
         """``W_K``/``W_V``/``b_K``/``b_V`` repeated so that index ``h`` is query head ``h``'s."""
         t = getattr(self, name)
         return t if t is None or t.shape[0] == self.n_heads else repeat(t, "kv ... -> (kv g) ...", g=self.group_size)

@@ -20,6 +20,12 @@ PositionalKind = Literal["learned", "rotary", "none"]
 RotaryStyle = Literal["neox", "gptj"]  # rotate halves [x1 | x2], or interleaved pairs (x0, x1), (x2, x3)...
 QKNorm = Literal["none", "per_head", "all_heads"]  # RMSNorm over each head's d_head, or over all heads at once
 RopeKind = Literal["default", "linear", "dynamic", "llama3"]
+ROPE_KEYS = {  # what each kind of rope_scaling must give
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
 
 
 @dataclass
@@ -109,6 +115,11 @@ class ModelConfig:
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in get_args(RopeKind):
             raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {get_args(RopeKind)}")
+        missing = [key for key in ROPE_KEYS[kind] if key not in (self.rope_scaling or {})]
+        if missing:
+            raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}")
+        if kind == "dynamic" and self.rotary_dim is not None and self.rotary_dim <= 2:
+            raise ValueError("dynamic rope scaling needs rotary_dim > 2 (its base grows as a power of d / (d - 2))")
         if self.sliding_window is not None:
             check_positive_int("sliding_window", self.sliding_window)
         if not isinstance(self.dtype, torch.dtype):

@@ -82,7 +82,7 @@ def check_attention_mask(mask: Tensor | None, shape: torch.Size) -> Int[Tensor, 
 
 def positions(
     attention_mask: Int[Tensor, "batch pos"] | None,
-    position_ids: Int[Tensor, "batch pos"] | None,
+    position_ids: Int[Tensor, "#batch pos"] | None,
     shape: torch.Size,
     cfg: ModelConfig,
     device: torch.device,

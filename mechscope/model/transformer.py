@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         return_type: ReturnType = "logits",
         *,
         attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
-        position_ids: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Int[Tensor, "#batch pos"] | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
@@ -214,7 +214,7 @@ class Transformer(nn.Module):
     def attention_context(
         self,
         attention_mask: Int[Tensor, "batch pos"] | None,
-        position_ids: Int[Tensor, "batch pos"] | None,
+        position_ids: Int[Tensor, "#batch pos"] | None,
         shape: torch.Size,
         device: torch.device,
         cache: KeyValueCache | None,
