@@ -213,3 +213,14 @@ def test_configurations_outside_the_zoo(options, refused):
     process_weights(model, **flags)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).log_softmax(-1), before, atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_flags_equal_processing_afterwards(gpt2_dir):
+    steps = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    loaded = Model.from_pretrained(gpt2_dir, **steps)
+    afterwards = Model.from_pretrained(gpt2_dir).process_weights(**steps)
+    assert loaded.cfg.extra["processed"] == afterwards.cfg.extra["processed"] == list(steps)
+    assert state(loaded).keys() == state(afterwards).keys()
+    for name, value in state(loaded).items():
+        torch.testing.assert_close(value, state(afterwards)[name], atol=0, rtol=0)
+    assert "processed" not in Model.from_pretrained(gpt2_dir).cfg.extra  # raw by default
