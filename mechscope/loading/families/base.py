@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from einops import rearrange
 from torch import Tensor
 
-from mechscope.model.config import ModelConfig
+from mechscope.model.config import Activation, ModelConfig
 
 Transform = Callable[[Tensor, ModelConfig], Tensor]
 
@@ -94,3 +94,11 @@ class Family:
     prefixes: tuple[str, ...] = ("",)  # prefixes HF checkpoints put before the tensor names
     ignored: tuple[str, ...] = ()  # HF tensors that carry no weights (buffers)
     unsupported: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+
+
+def unknown_activation(field: str) -> dict[str, Callable[[Any], bool]]:
+    """An ``unsupported`` entry refusing activation functions mechscope does not implement,
+    read from the HuggingFace config field ``field``."""
+    return {
+        f"{field} other than {', '.join(get_args(Activation))}": lambda c: getattr(c, field) not in get_args(Activation)
+    }

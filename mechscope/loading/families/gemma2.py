@@ -2,9 +2,9 @@
 soft-capping, ``sqrt(query_pre_attn_scalar)`` as the attention scale, and a sliding window on the
 layers ``layer_types`` marks ``sliding_attention`` (every other one, from layer 0, by default)."""
 
-from typing import Any, get_args
+from typing import Any
 
-from mechscope.loading.families.base import Family, From
+from mechscope.loading.families.base import Family, From, unknown_activation
 from mechscope.loading.families.gemma import BIDIRECTIONAL, gemma_fields
 from mechscope.loading.families.llama import (
     IGNORED,
@@ -15,7 +15,6 @@ from mechscope.loading.families.llama import (
     rotary_fields,
 )
 from mechscope.loading.families.qwen2 import LAYER_TYPES, sliding_windows
-from mechscope.model.config import Activation
 
 
 def gemma2_config(c: Any) -> dict[str, Any]:
@@ -58,10 +57,8 @@ GEMMA2 = Family(
     ignored=IGNORED,
     unsupported={name: test for name, test in llama_unsupported().items() if "hidden_act" not in name}
     | BIDIRECTIONAL
+    | unknown_activation("hidden_activation")
     | {
-        "hidden_activation other than " + ", ".join(get_args(Activation)): lambda c: (
-            c.hidden_activation not in get_args(Activation)
-        ),
         "layer_types other than " + ", ".join(LAYER_TYPES): lambda c: any(k not in LAYER_TYPES for k in c.layer_types),
     },
 )

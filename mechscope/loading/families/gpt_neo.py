@@ -1,16 +1,14 @@
 """GPT-Neo: GPT-2's layout with separate Q/K/V projections, unscaled attention scores, and
 ``local`` layers that see only the last ``window_size`` positions."""
 
-from typing import get_args
-
 from mechscope.loading.families.base import (
     Family,
     From,
     linear_from_heads,
     linear_to_heads,
     transposed,
+    unknown_activation,
 )
-from mechscope.model.config import Activation
 
 
 def local_layers(c) -> list[int]:
@@ -55,11 +53,7 @@ GPT_NEO = Family(
     },
     prefixes=("transformer.", ""),
     ignored=(r"h\.\d+\.attn\.attention\.(masked_)?bias",),
-    unsupported={
-        f"activation_function other than {', '.join(get_args(Activation))}": lambda c: (
-            c.activation_function not in get_args(Activation)
-        ),
-    },
+    unsupported=unknown_activation("activation_function"),
 )
 
 ENTRIES = (GPT_NEO,)

@@ -14,8 +14,9 @@ from mechscope.loading.families.base import (
     Transform,
     linear_from_heads,
     transposed,
+    unknown_activation,
 )
-from mechscope.model.config import Activation, ModelConfig, RopeKind
+from mechscope.model.config import ModelConfig, RopeKind
 
 
 def per_head_qkv_weight(part: int) -> Transform:
@@ -113,8 +114,8 @@ GPT_NEOX = Family(
     },
     prefixes=("gpt_neox.", ""),
     ignored=(r"layers\.\d+\.attention\.(masked_)?bias", r"(.*\.)?rotary_emb\.inv_freq"),
-    unsupported={
-        f"hidden_act other than {', '.join(get_args(Activation))}": lambda c: c.hidden_act not in get_args(Activation),
+    unsupported=unknown_activation("hidden_act")
+    | {
         "rope_type other than " + ", ".join(get_args(RopeKind)): lambda c: (
             c.rope_parameters.get("rope_type", "default") not in get_args(RopeKind)
         ),

@@ -1,16 +1,14 @@
 """GPT-J: rotary positions in the interleaved style on the first ``rotary_dim`` dimensions of
 each head, attention and MLP in parallel off one shared LayerNorm, and a biased unembedding."""
 
-from typing import get_args
-
 from mechscope.loading.families.base import (
     Family,
     From,
     linear_from_heads,
     linear_to_heads,
     transposed,
+    unknown_activation,
 )
-from mechscope.model.config import Activation
 
 GPTJ = Family(
     model_types=("gptj",),
@@ -53,11 +51,7 @@ GPTJ = Family(
     },
     prefixes=("transformer.", ""),
     ignored=(r"h\.\d+\.attn\.(masked_bias|bias|embed_positions)",),
-    unsupported={
-        f"activation_function other than {', '.join(get_args(Activation))}": lambda c: (
-            c.activation_function not in get_args(Activation)
-        ),
-    },
+    unsupported=unknown_activation("activation_function"),
 )
 
 ENTRIES = (GPTJ,)

@@ -13,8 +13,9 @@ from mechscope.loading.families.base import (
     linear_from_heads,
     linear_to_heads,
     transposed,
+    unknown_activation,
 )
-from mechscope.model.config import Activation, RopeKind
+from mechscope.model.config import RopeKind
 
 # The rope_parameters keys mechscope's rotary reads, per scaling kind (rope_theta is read for all).
 _ROPE_KEYS = {
@@ -127,14 +128,13 @@ def llama_weights(
 
 def llama_unsupported() -> dict[str, Any]:
     """Options no Llama-style entry can honour."""
-    return {
+    return unknown_activation("hidden_act") | {
         "rope_type other than default, linear, dynamic, llama3": lambda c: rope_type(c) not in get_args(RopeKind),
         "rope_parameters per layer type": lambda c: bool(rope_parameters(c)) and "rope_type" not in rope_parameters(c),
         # HuggingFace's default rotary ignores it; its scaled ones would rotate fewer dims than the head has
         "partial_rotary_factor with rope scaling": lambda c: (
             rope_type(c) != "default" and rope_parameters(c).get("partial_rotary_factor", 1.0) != 1.0
         ),
-        "hidden_act other than " + ", ".join(get_args(Activation)): lambda c: c.hidden_act not in get_args(Activation),
     }
 
 

@@ -1,8 +1,6 @@
 """OPT: pre-LayerNorm GPT-2 shape with separate Q/K/V projections, ReLU, and a learned position
 table whose first two rows are never used (positions are looked up at ``position + 2``)."""
 
-from typing import get_args
-
 from mechscope.loading.families.base import (
     Family,
     From,
@@ -11,8 +9,8 @@ from mechscope.loading.families.base import (
     linear_to_heads,
     rows,
     transposed,
+    unknown_activation,
 )
-from mechscope.model.config import Activation
 
 OPT = Family(
     model_types=("opt",),
@@ -53,16 +51,14 @@ OPT = Family(
         "unembed.W_U": From("lm_head.weight", transposed, fallback="embed_tokens.weight"),
     },
     prefixes=("model.decoder.", "decoder.", ""),
-    unsupported={
+    unsupported=unknown_activation("activation_function")
+    | {
         # post-LayerNorm blocks (opt-350m): LN(resid + sublayer), not mechscope's pre- or post-norm
         "do_layer_norm_before=False": lambda c: not c.do_layer_norm_before,
         # opt-350m's project_in / project_out around a narrower embedding
         "word_embed_proj_dim != hidden_size": lambda c: c.word_embed_proj_dim != c.hidden_size,
         "_remove_final_layer_norm": lambda c: bool(getattr(c, "_remove_final_layer_norm", False)),
         "layer_norm_elementwise_affine=False": lambda c: not c.layer_norm_elementwise_affine,
-        f"activation_function other than {', '.join(get_args(Activation))}": lambda c: (
-            c.activation_function not in get_args(Activation)
-        ),
     },
 )
 

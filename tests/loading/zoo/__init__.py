@@ -13,6 +13,15 @@ import torch
 
 VOCAB = 320  # every variant uses this vocabulary size, so one batch of token ids fits them all
 
+# The size of a Llama-style variant (HuggingFace's field names); each adds its depth and options.
+LLAMA_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+
 
 def _discover() -> dict[str, Callable]:
     variants: dict[str, Callable] = {}

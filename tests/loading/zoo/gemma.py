@@ -1,8 +1,8 @@
 from transformers import GemmaConfig
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
-SIZES = dict(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+SIZES = LLAMA_SIZES
 
 VARIANTS = {
     "gemma": lambda: GemmaConfig(**SIZES, num_hidden_layers=2, num_key_value_heads=4, head_dim=16),

@@ -1,8 +1,8 @@
 from transformers import Gemma2Config
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
-SIZES = dict(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+SIZES = LLAMA_SIZES
 
 VARIANTS = {
     # windows (4) shorter than the test prompts on layers 0 and 2; caps small enough to bite (random

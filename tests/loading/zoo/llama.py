@@ -1,17 +1,10 @@
 from transformers import LlamaConfig
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
 
 def llama(**options):
-    sizes = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
+    sizes = LLAMA_SIZES | dict(num_hidden_layers=2)
     return LlamaConfig(**(sizes | options))
 
 

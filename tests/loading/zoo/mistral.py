@@ -1,17 +1,12 @@
 from transformers import MistralConfig
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
 
 def mistral(**options):
-    sizes = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+    sizes = LLAMA_SIZES | dict(
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
         sliding_window=None,
     )
     return MistralConfig(**(sizes | options))

@@ -1,13 +1,8 @@
 from transformers import Olmo2Config
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
-SIZES = dict(
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
+SIZES = LLAMA_SIZES | dict(
     pad_token_id=0,
     eos_token_id=1,
 )

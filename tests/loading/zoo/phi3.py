@@ -1,14 +1,9 @@
 from transformers import Phi3Config
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
-SIZES = dict(
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
+SIZES = LLAMA_SIZES | dict(
     original_max_position_embeddings=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,

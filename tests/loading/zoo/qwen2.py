@@ -1,19 +1,10 @@
 from transformers import Qwen2Config
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
 
 def qwen2(**options):
-    sizes = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    sizes = LLAMA_SIZES | dict(num_hidden_layers=3, num_key_value_heads=2, tie_word_embeddings=True)
     return Qwen2Config(**(sizes | options))
 
 

@@ -1,18 +1,13 @@
 from transformers import Qwen3Config
 
-from tests.loading.zoo import VOCAB
+from tests.loading.zoo import LLAMA_SIZES
 
 
 def qwen3(**options):
-    sizes = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+    sizes = LLAMA_SIZES | dict(
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,  # not hidden_size / heads, as in the released Qwen3 models
-        max_position_embeddings=64,
         tie_word_embeddings=True,
     )
     return Qwen3Config(**(sizes | options))
