@@ -20,6 +20,7 @@ class KeyValueCache:
         self.keys: list[Tensor | None] = [None] * n_layers
         self.values: list[Tensor | None] = [None] * n_layers
         self.padding_mask: Int[Tensor, "batch seen"] | None = None  # 1 = real token, 0 = padding
+        self.has_padding = False  # whether any key seen so far may be padding
 
     @property
     def n_seen(self) -> int:
@@ -29,10 +30,18 @@ class KeyValueCache:
         """Real (non-padding) tokens seen by each row, from which new positions count on."""
         return None if self.padding_mask is None else self.padding_mask.sum(-1)
 
-    def extend_mask(self, new_mask: Int[Tensor, "batch new"]) -> Int[Tensor, "batch seen_plus_new"]:
-        """Record the new tokens' padding mask; returns the mask over every key."""
+    def extend_mask(
+        self, new_mask: Int[Tensor, "batch new"] | None, shape: tuple[int, int], device: torch.device
+    ) -> Int[Tensor, "batch seen_plus_new"] | None:
+        """Record the padding of the new tokens (``shape`` ``[batch, new]``; ``None``: all real, as
+        in a generation step). Returns the mask over every key, or None while no key is padding,
+        so a cache that never saw padding costs no mask (and no host-device sync) per step."""
+        if new_mask is None:
+            new_mask = torch.ones(shape, dtype=torch.long, device=device)
+        else:  # the model passes masks with padding only (an all-ones mask arrives as None)
+            self.has_padding = True
         self.padding_mask = new_mask if self.padding_mask is None else torch.cat([self.padding_mask, new_mask], dim=1)
-        return self.padding_mask
+        return self.padding_mask if self.has_padding else None
 
     def append(
         self,

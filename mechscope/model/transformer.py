@@ -229,10 +229,7 @@ class Transformer(nn.Module):
         positions = inputs.positions(attention_mask, position_ids, shape, self.cfg, device, past=past_real)
         padding = attention_mask
         if cache is not None:  # only now, with the input validated, does the cache change
-            new = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.long, device=device)
-            padding = cache.extend_mask(new)
-            if bool(padding.all()):
-                padding = None
+            padding = cache.extend_mask(attention_mask, tuple(shape), device)
         rotary = None
         if self.cfg.positional_embedding == "rotary":
             rotary = rotary_angles(self.cfg, positions, self.W_E.dtype)

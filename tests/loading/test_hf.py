@@ -166,3 +166,12 @@ def test_hub_ids_download_config_tokenizer_and_safetensors_only(monkeypatch, gpt
     assert "*.safetensors" in asked[0][1] and not any(p.endswith(".bin") for p in asked[0][1])
     assert model.cfg.tokenizer_name == "openai-community/gpt2"
     torch.testing.assert_close(logits(model, tokens), logits(Model.from_pretrained(gpt2_dir), tokens))
+
+
+def test_unknown_config_override_is_a_clear_error(gpt2_dir):
+    with pytest.raises(
+        TypeError, match=r"unknown ModelConfig field\(s\) \['ungroup_gqa'\]; valid fields: .*ungroup_grouped"
+    ):
+        Model.from_pretrained(gpt2_dir, ungroup_gqa=True)
+    model = Model.from_pretrained(gpt2_dir, ungroup_grouped_query_attention=True)  # a valid one reaches the config
+    assert model.cfg.ungroup_grouped_query_attention

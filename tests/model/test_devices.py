@@ -43,10 +43,16 @@ def test_devices_for():
 
 
 def test_place_puts_embeddings_first_and_unembedding_last():
+    """The meta device stands in for a second GPU: placement only moves modules."""
     model = random_model(n_layers=4)
-    place(model, ["cpu", "cpu"])
-    assert model.layer_devices is None  # one distinct device: no hand-offs needed
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    place(model, ["cpu", "meta"])
+    assert [d.type for d in model.layer_devices] == ["cpu", "cpu", "meta", "meta"]
+    assert model.W_E.device.type == "cpu" and model.W_pos.device.type == "cpu"
+    assert all(p.device.type == "cpu" for p in model.blocks[1].parameters())
+    assert all(p.device.type == "meta" for p in model.blocks[2].parameters())
+    assert model.W_U.device.type == "meta" and model.ln_final.w.device.type == "meta"
+    single = place(random_model(n_layers=4), ["cpu", "cpu"])
+    assert single.layer_devices is None  # one distinct device: no hand-offs needed
 
 
 def test_forward_with_hand_offs_equals_single_device():

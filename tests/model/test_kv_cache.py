@@ -150,9 +150,11 @@ def test_selecting_rows_carries_on_as_if_only_those_were_run():
 def test_key_value_cache_bookkeeping():
     cache = KeyValueCache(n_layers=2)
     assert cache.n_seen == 0 and cache.n_real() is None and cache.keys == [None, None]
-    assert cache.extend_mask(torch.tensor([[0, 1], [1, 1]])).tolist() == [[0, 1], [1, 1]]
-    assert cache.extend_mask(torch.tensor([[1], [1]])).tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert cache.n_seen == 3 and cache.n_real().tolist() == [2, 3]
+    assert cache.extend_mask(None, (2, 2), torch.device("cpu")) is None  # no padding yet: no mask at all
+    assert cache.n_seen == 2 and not cache.has_padding
+    assert cache.extend_mask(torch.tensor([[0], [1]]), (2, 1), torch.device("cpu")).tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert cache.extend_mask(None, (2, 1), torch.device("cpu")).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+    assert cache.n_seen == 4 and cache.n_real().tolist() == [3, 4]
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     assert cache.append(1, k, v)[0] is k
     k2, v2 = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
@@ -160,7 +162,7 @@ def test_key_value_cache_bookkeeping():
     assert torch.equal(keys, torch.cat([k, k2], dim=1)) and torch.equal(values, torch.cat([v, v2], dim=1))
     assert cache.keys[0] is None and cache.keys[1] is keys
     cache.select(torch.tensor([1]))
-    assert cache.padding_mask.tolist() == [[1, 1, 1]] and torch.equal(cache.values[1], values[1:])
+    assert cache.padding_mask.tolist() == [[1, 1, 1, 1]] and torch.equal(cache.values[1], values[1:])
     assert cache.keys[0] is None
 
 
@@ -232,7 +234,7 @@ def test_a_batch_that_does_not_match_the_cache_is_refused():
 
 def test_truncate_forgets_the_latest_tokens():
     cache = KeyValueCache(n_layers=2)
-    cache.extend_mask(torch.tensor([[0, 1, 1, 1]]))
+    cache.extend_mask(torch.tensor([[0, 1, 1, 1]]), (1, 4), torch.device("cpu"))
     k, v = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
     cache.append(0, k, v)
     cache.truncate(2)

@@ -9,6 +9,7 @@ tuple named ``ENTRIES``; nothing else in mechscope branches on an architecture's
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from typing import Any
@@ -49,6 +50,10 @@ def config_for(family: Family, hf_config: Any, **overrides: Any) -> ModelConfig:
         raise NotImplementedError(
             f"{hf_config.model_type} option(s) {', '.join(used)} are not supported by mechscope yet"
         )
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
     fields = family.config(hf_config)
     fields.update(original_architecture=hf_config.model_type, **overrides)
     if fields.get("tokenizer_name") is None:

@@ -3,6 +3,7 @@ that entries share. Each family's entry lives in its own module of this package.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -10,7 +11,7 @@ from typing import Any, get_args
 from einops import rearrange
 from torch import Tensor
 
-from mechscope.model.config import Activation, ModelConfig
+from mechscope.model.config import ROPE_KEYS, Activation, ModelConfig, RopeKind
 
 Transform = Callable[[Tensor, ModelConfig], Tensor]
 
@@ -23,18 +24,12 @@ def transposed(t: Tensor, cfg: ModelConfig) -> Tensor:
     return t.T
 
 
-def fused_qkv_weight(part: int) -> Transform:
-    """One of Q, K, V from a fused ``[d_model, 3·d_model]`` projection (GPT-2's ``c_attn``)."""
+def fused(pattern: str, part: int) -> Transform:
+    """Part ``part`` of a fused projection, split by the einops ``pattern`` (which names the
+    parts ``part`` and the heads ``head``): Q, K, V from one ``c_attn`` or ``query_key_value``."""
 
     def take(t: Tensor, cfg: ModelConfig) -> Tensor:
-        return rearrange(t, "d (part head e) -> part head d e", part=3, head=cfg.n_heads)[part]
-
-    return take
-
-
-def fused_qkv_bias(part: int) -> Transform:
-    def take(t: Tensor, cfg: ModelConfig) -> Tensor:
-        return rearrange(t, "(part head e) -> part head e", part=3, head=cfg.n_heads)[part]
+        return rearrange(t, pattern, part=3, head=cfg.n_heads)[part]
 
     return take
 
@@ -102,3 +97,46 @@ def unknown_activation(field: str) -> dict[str, Callable[[Any], bool]]:
     return {
         f"{field} other than {', '.join(get_args(Activation))}": lambda c: getattr(c, field) not in get_args(Activation)
     }
+
+
+def unknown_rope_type() -> dict[str, Callable[[Any], bool]]:
+    """An ``unsupported`` entry refusing rope scaling kinds mechscope does not implement."""
+    return {f"rope_type other than {', '.join(get_args(RopeKind))}": lambda c: rope_type(c) not in get_args(RopeKind)}
+
+
+def rope_parameters(c: Any) -> dict[str, Any]:
+    """transformers 5 keeps every rotary setting in ``config.rope_parameters``."""
+    return getattr(c, "rope_parameters", None) or {}
+
+
+def rope_type(c: Any) -> str:
+    return rope_parameters(c).get("rope_type", "default")
+
+
+def rotary_fields(c: Any, d_head: int, partial: bool) -> dict[str, Any]:
+    """The rotary ModelConfig fields (NeoX pairing) and the context length of a config.
+
+    ``partial``: whether the family rotates only ``partial_rotary_factor`` of each head
+    (GPT-NeoX, Phi-3); Llama's default rotary ignores that setting. ``n_ctx`` is
+    ``max_position_embeddings``, except for dynamic NTK scaling, which exists to run past that
+    length: there it is ``max_position_embeddings * factor``, the context the scaling is meant
+    to reach (HuggingFace itself sets no limit on rotary models). Dynamic scaling counts from
+    ``max_position_embeddings``, as HuggingFace's does.
+    """
+    params, kind = rope_parameters(c), rope_type(c)
+    fields = dict(
+        positional_embedding="rotary",
+        rotary_style="neox",
+        rotary_base=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=None,
+        n_ctx=c.max_position_embeddings,
+    )
+    if partial:
+        fields["rotary_dim"] = int(d_head * params.get("partial_rotary_factor", 1.0))
+    if kind != "default":  # missing keys are reported by ModelConfig, naming them
+        scaling = {"rope_type": kind} | {key: params[key] for key in ROPE_KEYS.get(kind, ()) if key in params}
+        if kind == "dynamic":
+            scaling["original_max_position_embeddings"] = c.max_position_embeddings
+            fields["n_ctx"] = math.ceil(c.max_position_embeddings * params["factor"])
+        fields["rope_scaling"] = scaling
+    return fields

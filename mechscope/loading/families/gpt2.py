@@ -3,11 +3,14 @@
 from mechscope.loading.families.base import (
     Family,
     From,
-    fused_qkv_bias,
-    fused_qkv_weight,
+    fused,
     heads_to_output,
     transposed,
 )
+
+# c_attn is a Conv1D, [d_model, (q|k|v) · head · d_head]
+QKV_WEIGHT = "d (part head e) -> part head d e"
+QKV_BIAS = "(part head e) -> part head e"
 
 GPT2 = Family(
     model_types=("gpt2",),
@@ -27,12 +30,12 @@ GPT2 = Family(
         "pos_embed.W_pos": From("wpe.weight"),
         "blocks.{i}.ln1.w": From("h.{i}.ln_1.weight"),
         "blocks.{i}.ln1.b": From("h.{i}.ln_1.bias"),
-        "blocks.{i}.attn.W_Q": From("h.{i}.attn.c_attn.weight", fused_qkv_weight(0)),
-        "blocks.{i}.attn.W_K": From("h.{i}.attn.c_attn.weight", fused_qkv_weight(1)),
-        "blocks.{i}.attn.W_V": From("h.{i}.attn.c_attn.weight", fused_qkv_weight(2)),
-        "blocks.{i}.attn.b_Q": From("h.{i}.attn.c_attn.bias", fused_qkv_bias(0)),
-        "blocks.{i}.attn.b_K": From("h.{i}.attn.c_attn.bias", fused_qkv_bias(1)),
-        "blocks.{i}.attn.b_V": From("h.{i}.attn.c_attn.bias", fused_qkv_bias(2)),
+        "blocks.{i}.attn.W_Q": From("h.{i}.attn.c_attn.weight", fused(QKV_WEIGHT, 0)),
+        "blocks.{i}.attn.W_K": From("h.{i}.attn.c_attn.weight", fused(QKV_WEIGHT, 1)),
+        "blocks.{i}.attn.W_V": From("h.{i}.attn.c_attn.weight", fused(QKV_WEIGHT, 2)),
+        "blocks.{i}.attn.b_Q": From("h.{i}.attn.c_attn.bias", fused(QKV_BIAS, 0)),
+        "blocks.{i}.attn.b_K": From("h.{i}.attn.c_attn.bias", fused(QKV_BIAS, 1)),
+        "blocks.{i}.attn.b_V": From("h.{i}.attn.c_attn.bias", fused(QKV_BIAS, 2)),
         "blocks.{i}.attn.W_O": From("h.{i}.attn.c_proj.weight", heads_to_output),
         "blocks.{i}.attn.b_O": From("h.{i}.attn.c_proj.bias"),
         "blocks.{i}.ln2.w": From("h.{i}.ln_2.weight"),

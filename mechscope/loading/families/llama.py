@@ -3,8 +3,7 @@ optional biases on every projection. The Llama-style helpers here also serve Mis
 
 from __future__ import annotations
 
-import math
-from typing import Any, get_args
+from typing import Any
 
 from mechscope.loading.families.base import (
     Family,
@@ -12,63 +11,23 @@ from mechscope.loading.families.base import (
     bias_to_heads,
     linear_from_heads,
     linear_to_heads,
+    rope_parameters,
+    rope_type,
+    rotary_fields,
     transposed,
     unknown_activation,
+    unknown_rope_type,
 )
-from mechscope.model.config import RopeKind
-
-# The rope_parameters keys mechscope's rotary reads, per scaling kind (rope_theta is read for all).
-_ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-def rope_parameters(c: Any) -> dict[str, Any]:
-    return getattr(c, "rope_parameters", None) or {}
-
-
-def rope_type(c: Any) -> str:
-    return rope_parameters(c).get("rope_type", "default")
-
-
-def rotary_fields(c: Any) -> dict[str, Any]:
-    """The rotary ModelConfig fields and the context length of a Llama-style config.
-
-    HuggingFace's ``default`` rotary always turns the whole head (it ignores
-    ``partial_rotary_factor``), so mechscope does the same. ``n_ctx`` is
-    ``max_position_embeddings``, except for ``dynamic`` NTK scaling, which exists to run past
-    that length: there it is ``max_position_embeddings * factor``, the context the scaling is
-    meant to reach (HuggingFace itself sets no limit on rotary models).
-    """
-    params = rope_parameters(c)
-    kind = rope_type(c)
-    scaling = None
-    n_ctx = c.max_position_embeddings
-    if kind != "default":
-        scaling = {"rope_type": kind, **{key: params[key] for key in _ROPE_KEYS[kind]}}
-    if kind == "dynamic":
-        # HuggingFace scales the base once the longest position of the batch passes max_position_embeddings
-        scaling["original_max_position_embeddings"] = c.max_position_embeddings
-        n_ctx = math.ceil(c.max_position_embeddings * params["factor"])
-    return dict(
-        positional_embedding="rotary",
-        rotary_style="neox",
-        rotary_base=float(params.get("rope_theta", 10000.0)),
-        rope_scaling=scaling,
-        n_ctx=n_ctx,
-    )
 
 
 def head_dim(c: Any) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def llama_config(c: Any, **fields: Any) -> dict[str, Any]:
+def llama_config(c: Any, act_field: str = "hidden_act", partial_rotary: bool = False, **fields: Any) -> dict[str, Any]:
     """ModelConfig fields shared by the Llama-style families; ``fields`` adds or overrides
-    (biases, Q/K norm, sliding windows)."""
+    (biases, norms, sliding windows). ``act_field`` names the config's activation field (Gemma 2
+    has ``hidden_activation``); ``partial_rotary`` honours ``partial_rotary_factor`` (Phi-3)."""
     return (
         dict(
             n_layers=c.num_hidden_layers,
@@ -78,7 +37,7 @@ def llama_config(c: Any, **fields: Any) -> dict[str, Any]:
             n_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
             d_vocab=c.vocab_size,
             d_mlp=c.intermediate_size,
-            act_fn=c.hidden_act,
+            act_fn=getattr(c, act_field),
             gated_mlp=True,
             normalization="rmsnorm",
             eps=c.rms_norm_eps,
@@ -86,7 +45,7 @@ def llama_config(c: Any, **fields: Any) -> dict[str, Any]:
             attn_out_bias=False,
             mlp_bias=False,
             initializer_range=c.initializer_range,
-            **rotary_fields(c),
+            **rotary_fields(c, head_dim(c), partial=partial_rotary),
         )
         | fields
     )
@@ -126,16 +85,21 @@ def llama_weights(
     return weights
 
 
-def llama_unsupported() -> dict[str, Any]:
+def llama_unsupported(act_field: str = "hidden_act") -> dict[str, Any]:
     """Options no Llama-style entry can honour."""
-    return unknown_activation("hidden_act") | {
-        "rope_type other than default, linear, dynamic, llama3": lambda c: rope_type(c) not in get_args(RopeKind),
-        "rope_parameters per layer type": lambda c: bool(rope_parameters(c)) and "rope_type" not in rope_parameters(c),
-        # HuggingFace's default rotary ignores it; its scaled ones would rotate fewer dims than the head has
-        "partial_rotary_factor with rope scaling": lambda c: (
-            rope_type(c) != "default" and rope_parameters(c).get("partial_rotary_factor", 1.0) != 1.0
-        ),
-    }
+    return (
+        unknown_activation(act_field)
+        | unknown_rope_type()
+        | {
+            "rope_parameters per layer type": lambda c: (
+                bool(rope_parameters(c)) and "rope_type" not in rope_parameters(c)
+            ),
+            # HuggingFace's default rotary ignores it; its scaled ones would rotate fewer dims than the head has
+            "partial_rotary_factor with rope scaling": lambda c: (
+                rope_type(c) != "default" and rope_parameters(c).get("partial_rotary_factor", 1.0) != 1.0
+            ),
+        }
+    )
 
 
 PREFIXES = ("model.", "")

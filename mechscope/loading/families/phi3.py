@@ -2,13 +2,11 @@
 order) and one fused ``gate_up_proj`` (gate rows first), partial rotary, and an optional sliding
 window on every layer."""
 
-from typing import Any
-
 from einops import rearrange
 from torch import Tensor
 
 from mechscope.loading.families.base import Family, From, Transform, linear_to_heads
-from mechscope.loading.families.llama import IGNORED, PREFIXES, head_dim, llama_config, llama_unsupported, llama_weights
+from mechscope.loading.families.llama import IGNORED, PREFIXES, llama_config, llama_unsupported, llama_weights
 from mechscope.model.config import ModelConfig
 
 
@@ -32,17 +30,12 @@ def fused_gate_up(part: int) -> Transform:
     return take
 
 
-def rotary_dim(c: Any) -> int:
-    """Unlike Llama's, Phi-3's default rotary honours ``partial_rotary_factor``."""
-    return int(head_dim(c) * c.rope_parameters.get("partial_rotary_factor", 1.0))
-
-
 QKV, GATE_UP = "layers.{i}.self_attn.qkv_proj.weight", "layers.{i}.mlp.gate_up_proj.weight"
 
 PHI3 = Family(
     model_types=("phi3",),
     # transformers applies sliding_window (when set) to every layer
-    config=lambda c: llama_config(c, rotary_dim=rotary_dim(c), sliding_window=c.sliding_window),
+    config=lambda c: llama_config(c, partial_rotary=True, sliding_window=c.sliding_window),  # Phi-3 honours it
     weights=llama_weights()
     | {
         "blocks.{i}.attn.W_Q": From(QKV, fused_qkv(0)),

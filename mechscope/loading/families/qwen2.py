@@ -19,12 +19,17 @@ def sliding_windows(c: Any) -> dict[str, Any]:
     return dict(sliding_window=c.sliding_window, sliding_window_layers=layers)
 
 
-def qwen_unsupported() -> dict[str, Any]:
-    return llama_unsupported() | {
+def unknown_layer_types() -> dict[str, Any]:
+    """An ``unsupported`` entry refusing attention kinds other than full and sliding."""
+    return {
         "layer_types other than " + ", ".join(LAYER_TYPES): lambda c: any(
             kind not in LAYER_TYPES for kind in getattr(c, "layer_types", None) or ()
         ),
     }
+
+
+def qwen_unsupported() -> dict[str, Any]:
+    return llama_unsupported() | unknown_layer_types()
 
 
 QWEN2 = Family(
