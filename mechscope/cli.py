@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import tempfile
+import shlex
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import torch
 import typer
@@ -47,6 +48,14 @@ def describe(model) -> str:
     return "\n".join(lines)
 
 
+def fail(error: Exception | str) -> NoReturn:
+    """Stop with the message on stderr, unwrapped (long messages name the limits and the choices)."""
+    if isinstance(error, KeyError):  # str() of a KeyError adds quotes
+        error = error.args[0]
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1)
+
+
 @app.command()
 def info(model: Annotated[str, typer.Argument(help="HuggingFace hub id or local model directory")]) -> None:
     """Print a model's architecture, parameter count and hook points with their shapes."""
@@ -56,28 +65,90 @@ def info(model: Annotated[str, typer.Argument(help="HuggingFace hub id or local 
 
 
 @app.command()
-def demo(
-    out: Annotated[
-        Path | None, typer.Option(help="where to write the tiny model (default: a temporary folder)")
+def train(
+    name: Annotated[str, typer.Argument(help="organism: induction, modular_addition, superposition, ...")],
+    steps: Annotated[int | None, typer.Option(help="training steps (default: the organism's recipe)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for the initialisation and every batch")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/NAME)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE for a task or training field, e.g. --set p=23")
     ] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Build a tiny random GPT-2 with transformers, load it through the HuggingFace path and
-    describe it (the model organisms of a later release will replace this)."""
-    from mechscope.loading import Model
-    from mechscope.loading.tiny import save_tiny_gpt2
+    """Train a model organism, checkpointing as it goes, then print what it learned."""
+    from mechscope.toys import train as run
+    from mechscope.toys.registry import configured, parse_setting
 
-    directory = Path(out) if out else Path(tempfile.mkdtemp(prefix="mechscope-demo-"))
-    save_tiny_gpt2(directory)
-    typer.echo(f"built a tiny random GPT-2 in {directory}\n")
-    model = Model.from_pretrained(directory)
-    typer.echo(describe(model))
-    prompt = "When Mary and John went to the store, John gave a bag to"
-    logits, cache = model.run_with_cache(prompt, names_filter=lambda name: name.endswith("hook_pattern"))
-    top = logits[0, -1].softmax(-1).topk(3)
-    guesses = ", ".join(f"{model.to_string([i])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-    typer.echo(f"\nprompt: {prompt!r} ({logits.shape[1]} tokens)")
-    typer.echo(f"top next tokens (random weights, so no sense yet): {guesses}")
-    typer.echo(f"cached {len(cache)} attention patterns, {cache.nbytes:,} bytes")
+    settings = dict(parse_setting(s) for s in set_ or [])
+    settings.update({k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
+    try:
+        organism, config = configured(name, settings)
+    except (KeyError, ValueError, TypeError) as error:
+        fail(error)
+    directory = out or Path("runs") / name
+    command = shlex.join(
+        ["mechscope", "train", name, "--seed", str(config.seed), "--steps", str(config.steps)]
+        + [arg for s in set_ or [] for arg in ("--set", s)]
+        + ["--out", str(directory)]
+    )
+    try:
+        result = run(organism, config, directory, resume=resume, progress=progress, command=command)
+    except (FileExistsError, ValueError) as error:
+        fail(error)
+    typer.echo(f"final loss {result.final_loss:.4f}; run written to {directory}\n")
+    typer.echo(str(organism.explain(result.model, result.metrics)))
+
+
+zoo_app = typer.Typer(help="The shipped model organisms and your own trained runs.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the organisms: which ship trained, and the command that trained them."""
+    from mechscope.toys.registry import ORGANISMS, organism_class
+    from mechscope.toys.zoo import load_run, shipped
+
+    available = shipped()
+    for name in ORGANISMS:
+        typer.echo(f"{name:<18} {organism_class(name).summary}")
+        if name in available:
+            record = load_run(name)[2]
+            typer.echo(f"{'':<18} shipped: {record['command']}")
+        else:
+            typer.echo(f"{'':<18} not shipped: mechscope train {name}")
+
+
+@zoo_app.command("explain")
+def zoo_explain(
+    name: Annotated[str, typer.Argument(help="a shipped organism's name, or a folder written by `mechscope train`")],
+) -> None:
+    """Print the ground-truth findings of a shipped organism or of a trained run."""
+    from mechscope.toys.zoo import explain
+
+    try:
+        findings = explain(name)
+    except FileNotFoundError as error:
+        fail(error)
+    typer.echo(str(findings))
+
+
+@app.command()
+def demo() -> None:
+    """The main job: load each shipped model organism and print what it learned."""
+    from mechscope.toys.zoo import explain, load_run, shipped
+
+    names = shipped()
+    if not names:
+        fail("no shipped organisms found; reinstall mechscope")
+    for name in names:
+        start = time.perf_counter()
+        findings = explain(name)
+        record = load_run(name)[2]
+        typer.echo(
+            f"{findings}\n  (trained with: {record['command']}; explained in {time.perf_counter() - start:.1f} s)\n"
+        )
 
 
 def main() -> None:

@@ -1,0 +1,69 @@
+"""The shipped model organisms, and any run directory written by ``train``, loaded by name.
+
+``load("induction")`` returns the trained model, ready for hooks and caches, with its task
+attached as ``model.organism`` and what produced it as ``model.run`` (the command, seed and
+final metrics from ``run.json``). ``explain(name)`` recovers each organism's known mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mechscope.toys import checkpoint as ckpt
+from mechscope.toys.organism import Findings, Organism
+from mechscope.toys.registry import ORGANISMS, organism_class
+
+SHIPPED = Path(__file__).parent / "checkpoints"
+
+
+def shipped() -> list[str]:
+    """Names of the organisms whose trained checkpoints come with mechscope."""
+    return [name for name in ORGANISMS if (SHIPPED / name / ckpt.RUN_FILE).exists()]
+
+
+def run_directory(name_or_path: str | Path) -> Path:
+    """The folder of a shipped organism (by name) or of a run written by ``train`` (by path)."""
+    if isinstance(name_or_path, str) and (SHIPPED / name_or_path / ckpt.RUN_FILE).exists():
+        return SHIPPED / name_or_path
+    path = Path(name_or_path)
+    if (path / ckpt.RUN_FILE).exists():
+        return path
+    raise FileNotFoundError(
+        f"{str(name_or_path)!r} is neither a shipped organism ({', '.join(shipped()) or 'none installed'}) "
+        f"nor a folder holding a training run ({ckpt.RUN_FILE})"
+    )
+
+
+def load_run(name_or_path: str | Path) -> tuple[nn.Module, Organism, dict[str, Any], list[dict[str, Any]]]:
+    """(model, organism, run record, metrics) of a shipped organism or a run directory."""
+    directory = run_directory(name_or_path)
+    record = json.loads((directory / ckpt.RUN_FILE).read_text(encoding="utf-8"))
+    organism = organism_class(record["organism"])(**record["params"])
+    if (directory / ckpt.WEIGHTS_FILE).exists():
+        state, _ = ckpt.read_tensors(directory / ckpt.WEIGHTS_FILE)
+    elif (directory / ckpt.CHECKPOINT_FILE).exists():  # a run still in progress, or killed
+        tensors, _ = ckpt.read_tensors(directory / ckpt.CHECKPOINT_FILE)
+        state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    else:
+        raise FileNotFoundError(f"{directory} holds no weights yet ({ckpt.WEIGHTS_FILE} or {ckpt.CHECKPOINT_FILE})")
+    model = organism.load_model(state, directory)
+    model.eval()
+    return model, organism, record, ckpt.read_metrics(directory)
+
+
+def load(name_or_path: str | Path) -> nn.Module:
+    """The trained model, with ``model.organism`` (its task) and ``model.run`` (how it was made)."""
+    model, organism, record, _ = load_run(name_or_path)
+    model.organism = organism
+    model.run = record
+    return model
+
+
+def explain(name_or_path: str | Path) -> Findings:
+    """The ground-truth findings of a shipped organism or of a run directory."""
+    model, organism, _, metrics = load_run(name_or_path)
+    return organism.explain(model, metrics)
