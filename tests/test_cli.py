@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
-from mechscope import Model
+from mechscope import Model, zoo
 from mechscope.cli import app
+from mechscope.toys.registry import ORGANISMS
 
 runner = CliRunner()
 
@@ -25,8 +28,57 @@ def test_info_on_a_missing_model_fails_cleanly(tmp_path):
     assert "not a model directory" in str(result.exception)
 
 
-def test_demo_builds_and_describes_a_model(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+TINY = ["d_vocab=24", "n_ctx=20", "d_model=16", "n_heads=2", "batch_size=4", "min_run=2", "max_run=4", "eval_length=6"]
+
+
+def tiny_train(out, *extra):
+    settings = [arg for setting in TINY for arg in ("--set", setting)]
+    return runner.invoke(app, ["train", "induction", "--steps", "20", *settings, "--out", str(out), *extra])
+
+
+def test_train_writes_a_run_and_prints_its_findings(tmp_path):
+    result = tiny_train(tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "model.safetensors").exists()
-    assert "hook points" in result.output and "top next tokens" in result.output
+    assert "final loss" in result.output and "induction head:" in result.output
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"run.json", "metrics.jsonl", "model.safetensors"}
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["command"] == (
+        "mechscope train induction --seed 0 --steps 20 "
+        + " ".join(f"--set {s}" for s in TINY)
+        + f" --out {tmp_path / 'run'}"
+    )
+    again = tiny_train(tmp_path / "run", "--no-progress")
+    assert again.exit_code != 0 and "already holds a run" in again.output
+    resumed = tiny_train(tmp_path / "run", "--no-progress", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    explained = runner.invoke(app, ["zoo", "explain", str(tmp_path / "run")])
+    assert explained.exit_code == 0 and "previous-token head:" in explained.output
+
+
+def test_train_names_bad_settings():
+    result = runner.invoke(app, ["train", "induction", "--set", "colour=blue"])
+    assert result.exit_code != 0 and "unknown setting(s) ['colour']" in result.output
+    result = runner.invoke(app, ["train", "dragon"])
+    assert result.exit_code != 0 and "unknown model organism 'dragon'" in result.output
+
+
+def test_zoo_lists_every_organism_and_how_the_shipped_ones_were_made():
+    result = runner.invoke(app, ["zoo", "list"])
+    assert result.exit_code == 0, result.output
+    for name in ORGANISMS:
+        assert name in result.output
+    assert "shipped: mechscope train induction --seed 0" in result.output
+    assert "not shipped: mechscope train parentheses" in result.output
+
+
+def test_zoo_explain_an_unknown_name_fails_cleanly():
+    result = runner.invoke(app, ["zoo", "explain", "dragon"])
+    assert result.exit_code != 0 and "neither a shipped organism" in result.output
+
+
+def test_demo_prints_what_each_shipped_organism_learned():
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    for name in zoo.shipped():
+        assert f"{name}:" in result.output
+    assert "phase change:" in result.output and "induction head: 1." in result.output
