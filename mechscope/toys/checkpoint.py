@@ -47,6 +47,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # safetensors creates files readable by their owner only
     os.replace(tmp, path)
 
 

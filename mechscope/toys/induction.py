@@ -133,6 +133,9 @@ class Induction(Organism):
             )
         return findings
 
+    def figures(self, model: Model, metrics: Sequence[dict[str, Any]], findings: Findings) -> dict[str, Any]:
+        return {"induction_phase_change": figure(metrics)}
+
 
 def phase_change(metrics: Sequence[dict[str, Any]], chance: float) -> dict[str, Any] | None:
     """Where the repeated-token loss fell fastest, and the window in which most of its fall happened.

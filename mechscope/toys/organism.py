@@ -83,6 +83,10 @@ class Organism(ABC):
     def explain(self, model: nn.Module, metrics: Sequence[dict[str, Any]] = ()) -> Findings:
         """Recover the known mechanism from the trained ``model`` (and its training ``metrics``)."""
 
+    def figures(self, model: nn.Module, metrics: Sequence[dict[str, Any]], findings: Findings) -> dict[str, Any]:
+        """Plotly figures of the findings, by file stem (``docs/figures.py`` renders them)."""
+        return {}
+
     # ------------------------------------------------------------ saving what is not weights
     def save_assets(self, directory: Path) -> None:
         """Write anything besides the weights that loading needs (a tokenizer, say)."""
