@@ -64,3 +64,16 @@ def random_model(**overrides) -> Transformer:
             if not name.split(".")[-1].startswith("W_"):
                 param.add_(torch.randn_like(param) * 0.1)
     return model
+
+
+# A 2-layer attention-only induction organism small enough to train in a second.
+TINY_INDUCTION = {
+    "d_vocab": 24,
+    "n_ctx": 20,
+    "d_model": 16,
+    "n_heads": 2,
+    "batch_size": 4,
+    "min_run": 2,
+    "max_run": 4,
+    "eval_length": 6,
+}

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from mechscope import Model, zoo
 from mechscope.cli import app
 from mechscope.toys.registry import ORGANISMS
+from tests.conftest import TINY_INDUCTION
 
 runner = CliRunner()
 
@@ -28,7 +29,7 @@ def test_info_on_a_missing_model_fails_cleanly(tmp_path):
     assert "not a model directory" in str(result.exception)
 
 
-TINY = ["d_vocab=24", "n_ctx=20", "d_model=16", "n_heads=2", "batch_size=4", "min_run=2", "max_run=4", "eval_length=6"]
+TINY = [f"{key}={value}" for key, value in TINY_INDUCTION.items()]
 
 
 def tiny_train(out, *extra):

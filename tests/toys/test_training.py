@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from mechscope.toys import Findings, Organism, TrainConfig, train
 from mechscope.toys import checkpoint as ckpt
 from mechscope.toys.training import step_generator
+from tests.conftest import TINY_INDUCTION
 
 
 @dataclass
@@ -181,14 +182,7 @@ train(organism, config, sys.argv[1], progress=False, callbacks=[kill])
 def test_a_run_killed_with_sigkill_resumes_to_the_same_final_loss(tmp_path):
     """The real thing: SIGKILL between checkpoints, then ``mechscope train --resume``."""
     settings = {
-        "d_vocab": 24,
-        "n_ctx": 20,
-        "d_model": 16,
-        "n_heads": 2,
-        "batch_size": 4,
-        "min_run": 2,
-        "max_run": 4,
-        "eval_length": 6,
+        **TINY_INDUCTION,
         "steps": 40,
         "log_every": 5,
         "eval_every": 10,

@@ -12,18 +12,10 @@ from mechscope.toys import checkpoint as ckpt
 from mechscope.toys import train
 from mechscope.toys.registry import ORGANISMS, configured, organism_class, parse_setting
 from mechscope.toys.zoo import SHIPPED
+from tests.conftest import TINY_INDUCTION
 
 SHIPPED_NAMES = ["induction", "modular_addition", "superposition", "language"]
-TINY = {
-    "d_vocab": 24,
-    "n_ctx": 20,
-    "d_model": 16,
-    "n_heads": 2,
-    "batch_size": 4,
-    "min_run": 2,
-    "max_run": 4,
-    "eval_length": 6,
-}
+TINY = TINY_INDUCTION
 
 
 def test_the_four_trained_organisms_ship_with_their_command_and_metrics():
