@@ -27,7 +27,7 @@ demo: setup
 # time (beartype), so the annotations cannot drift from what the code does.
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
-	$(BIN)/python -m pytest -n 2 -q -m "not bad_input" -p no:cacheprovider \
+	$(BIN)/python -m pytest -n 2 -q -m "not bad_input and not replay" -p no:cacheprovider \
 		--jaxtyping-packages=mechscope,beartype.beartype tests/model tests/loading tests/toys
 
 lint: setup

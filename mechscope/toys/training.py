@@ -100,6 +100,7 @@ def train(
     out: str | Path | None = None,
     *,
     resume: bool = False,
+    until: int | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     command: str | None = None,
@@ -107,7 +108,8 @@ def train(
     """Train ``organism`` with ``config`` (its own recipe by default).
 
     With ``out``, the run is written there (see :mod:`mechscope.toys.checkpoint`) and can be
-    resumed with ``resume=True``; without, nothing touches the disk.
+    resumed with ``resume=True``; without, nothing touches the disk. ``until`` pauses the run
+    after that many steps (checkpointed, so ``resume=True`` carries on with the same schedule).
     """
     config = config or organism.train_config()
     directory = Path(out) if out is not None else None
@@ -117,16 +119,16 @@ def train(
     optimizer = torch.optim.AdamW(
         organism.optimizer_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     start, metrics = 0, []
     if directory is not None:
         start, metrics = prepare_directory(directory, record, resume, model, optimizer)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor, last_epoch=start - 1)
         if start == 0:
             organism.save_assets(directory)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor, last_epoch=start - 1)
+    end = config.steps if until is None else max(start, min(until, config.steps))
 
     bar = tqdm(total=config.steps, initial=start, desc=f"train {organism.name}", disable=not progress)
-    for step in range(start, config.steps):
+    for step in range(start, end):
         model.train()
         loss, extra = organism.loss(model, organism.batch(step, step_generator(config.seed, step)))
         optimizer.zero_grad(set_to_none=True)
@@ -136,31 +138,39 @@ def train(
         optimizer.step()
         schedule.step()
         done = step + 1
-        last = done == config.steps
-        if done % config.log_every == 0 or done % config.eval_every == 0 or last:
+        evaluate = done % config.eval_every == 0 or done == config.steps
+        if evaluate or done % config.log_every == 0:
             entry = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **extra}
-            if done % config.eval_every == 0 or last:
-                model.eval()
-                with torch.no_grad():
-                    entry.update(organism.evaluate(model))
-                for callback in callbacks:
-                    callback(done, model, entry)
+            if evaluate:
+                entry.update(evaluation(organism, model, done, entry, callbacks))
             metrics.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             if directory is not None:
                 with open(directory / ckpt.METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")
-        if directory is not None and (done % config.checkpoint_every == 0 or last):
+        if directory is not None and (done % config.checkpoint_every == 0 or done == end):
             ckpt.save_checkpoint(directory, done, model, optimizer)
         bar.update(1)
     bar.close()
 
     model.eval()
-    if directory is not None:
+    if directory is not None and end == config.steps:
         ckpt.atomic_save_tensors(directory / ckpt.WEIGHTS_FILE, model.state_dict())
         final = {**record, "steps_done": config.steps, "final": metrics[-1] if metrics else {}}
         ckpt.atomic_write_text(directory / ckpt.RUN_FILE, json.dumps(final, indent=2))
     return TrainResult(model, metrics, directory)
+
+
+def evaluation(
+    organism: Organism, model: nn.Module, step: int, entry: dict[str, Any], callbacks: Sequence[Callback]
+) -> dict[str, float]:
+    """The organism's held-out metrics at ``step``; each callback sees the whole record."""
+    model.eval()
+    with torch.no_grad():
+        results = organism.evaluate(model)
+    for callback in callbacks:
+        callback(step, model, {**entry, **results})
+    return results
 
 
 def run_record(organism: Organism, config: TrainConfig, command: str | None) -> dict[str, Any]:

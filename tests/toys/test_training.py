@@ -112,6 +112,15 @@ def test_training_reduces_the_loss_and_logs_every_interval(tmp_path):
     assert torch.equal(weights["weight"], result.model.weight.detach())
 
 
+def test_a_paused_run_resumes_on_the_same_schedule(tmp_path):
+    whole = train(Regression(), out=tmp_path / "whole", progress=False)
+    paused = train(Regression(), out=tmp_path / "paused", until=25, progress=False)
+    assert [r["step"] for r in paused.metrics][-1] == 25 and not (tmp_path / "paused" / ckpt.WEIGHTS_FILE).exists()
+    resumed = train(Regression(), out=tmp_path / "paused", resume=True, progress=False)
+    assert resumed.metrics == whole.metrics
+    assert torch.equal(resumed.model.weight, whole.model.weight)
+
+
 def test_callbacks_run_at_each_evaluation():
     seen = []
 
@@ -179,6 +188,7 @@ train(organism, config, sys.argv[1], progress=False, callbacks=[kill])
 """
 
 
+@pytest.mark.replay
 def test_a_run_killed_with_sigkill_resumes_to_the_same_final_loss(tmp_path):
     """The real thing: SIGKILL between checkpoints, then ``mechscope train --resume``."""
     settings = {
