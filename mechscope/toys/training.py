@@ -38,7 +38,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Sequence[float] = (0.9, 0.999)  # stored as a tuple; JSON gives a list
     warmup_steps: int = 0
     schedule: Schedule = "constant"
     final_lr_fraction: float = 0.0  # cosine decays to lr * this
@@ -49,7 +49,9 @@ class TrainConfig:
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives a list
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
         for name in ("steps", "log_every", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -1,0 +1,169 @@
+"""What the trained language model knows, measured on fresh samples whose latents are known.
+
+Each measurement is a plain function of ``(model, samples)``: the indirect-object logit
+difference (IO − S at the last token of the prompt), agreement accuracy (right verb form above
+the wrong one), induction on repeated random words, and which heads attend from the end of an
+indirect-object prompt to the indirect object.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.loading import tokens as tok
+from mechscope.model.transformer import next_token_loss
+from mechscope.toys.heads import repeated_tokens
+from mechscope.toys.language import grammar
+from mechscope.toys.language.grammar import Sample, Split
+from mechscope.toys.language.tokenizer import token_positions
+
+
+def ioi_samples(split: Split, n: int, seed: int) -> list[Sample]:
+    """``n`` indirect-object prompts with names from ``split``, cycling through the templates."""
+    rng = random.Random(seed)
+    return [grammar.ioi(rng, split, template=i % len(grammar.IOI_TEMPLATES)) for i in range(n)]
+
+
+def agreement_samples(n: int, seed: int) -> list[Sample]:
+    rng = random.Random(seed)
+    return [grammar.agreement(rng) for _ in range(n)]
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """BOS + each text, right-padded, with its attention mask (the model's own convention)."""
+    return tok.to_tokens(tokenizer, list(texts), prepend_bos=True, padding_side="right")
+
+
+def last_logits(model: Any, texts: Sequence[str]) -> Float[Tensor, "batch d_vocab"]:
+    """The logits predicting the token after each text."""
+    tokens, mask = encode(model.tokenizer, texts)
+    logits = model(tokens, attention_mask=mask)
+    last = mask.sum(dim=1) - 1
+    return logits[torch.arange(len(texts)), last]
+
+
+def word_ids(tokenizer: Any, words: Sequence[str]) -> Int[Tensor, " n"]:
+    """The single token of each word (with its leading space), e.g. ``" Mary"``."""
+    return torch.tensor([tok.to_single_token(tokenizer, w) for w in words])
+
+
+def pair_differences(model: Any, prompts: Sequence[str], right: Sequence[str], wrong: Sequence[str]) -> Tensor:
+    """logit(right word) − logit(wrong word) after each prompt."""
+    logits = last_logits(model, prompts)
+    rows = torch.arange(len(prompts))
+    return logits[rows, word_ids(model.tokenizer, right)] - logits[rows, word_ids(model.tokenizer, wrong)]
+
+
+def ioi_metrics(model: Any, samples: Sequence[Sample]) -> dict[str, float]:
+    """Mean IO − S logit difference, how often IO beats S, and how often IO is the top prediction."""
+    logits = last_logits(model, [s.prompt for s in samples])
+    rows = torch.arange(len(samples))
+    io = logits[rows, word_ids(model.tokenizer, [s.answer for s in samples])]
+    subject = logits[rows, word_ids(model.tokenizer, [" " + s.subject for s in samples])]
+    difference = io - subject
+    return {
+        "logit_diff": difference.mean().item(),
+        "accuracy": (difference > 0).float().mean().item(),
+        "top1": (logits.argmax(dim=-1) == word_ids(model.tokenizer, [s.answer for s in samples])).float().mean().item(),
+    }
+
+
+def agreement_accuracy(model: Any, samples: Sequence[Sample]) -> float:
+    """How often the agreeing verb form gets a higher logit than the other form."""
+    differences = pair_differences(
+        model, [s.prompt for s in samples], [s.answer for s in samples], [s.wrong for s in samples]
+    )
+    return (differences > 0).float().mean().item()
+
+
+def content_words() -> tuple[str, ...]:
+    """Words of the language, each one token: the alphabet for repeated-random-word sequences."""
+    nouns = tuple(word for pair in grammar.NOUNS for word in pair)
+    return grammar.NAMES + grammar.PLACES + grammar.OBJECTS + grammar.ADJECTIVES + nouns
+
+
+def repeated_words(tokenizer: Any, length: int, batch: int, seed: int) -> Int[Tensor, "batch seq"]:
+    """``[BOS, w_1 .. w_L, w_1 .. w_L]`` with random words of the language.
+
+    Random ids from the whole vocabulary would include byte tokens the corpus never uses, whose
+    embeddings were never trained; random *words* test copying on the tokens the model knows.
+    """
+    alphabet = word_ids(tokenizer, [" " + w for w in content_words()])
+    index = repeated_tokens(len(alphabet), length, batch, torch.Generator().manual_seed(seed))
+    bos = torch.full((batch, 1), tok.bos_id(tokenizer), dtype=torch.long)
+    return torch.cat([bos, alphabet[index]], dim=1)
+
+
+def induction_loss(model: Any, tokens: Int[Tensor, "batch seq"]) -> tuple[float, float]:
+    """Mean loss on the first copy and on the second copy (after its first token) of repeated words."""
+    length = tokens.shape[1] // 2
+    losses = next_token_loss(model(tokens), tokens, per_token=True)
+    return losses[:, :length].mean().item(), losses[:, length + 1 :].mean().item()
+
+
+def name_positions(tokenizer: Any, sample: Sample) -> dict[str, int]:
+    """Token positions (after BOS) of the indirect object, both subject mentions, and the prompt's last token."""
+    io = grammar.word_offsets(sample.prompt, sample.io)[0]
+    s1, s2 = grammar.word_offsets(sample.prompt, sample.subject)
+    positions = token_positions(tokenizer, sample.prompt, [io, s1, s2, len(sample.prompt) - 1])
+    return dict(zip(("io", "s1", "s2", "end"), positions, strict=True))
+
+
+def ioi_attribution(model: Any, samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Who writes logit(IO) − logit(S) at the last token of IOI prompts, and where the heads look.
+
+    The direct effect of a component is its output at the last token pushed through the final
+    LayerNorm (centred, divided by the cached scale that all components share) onto the
+    difference of the two unembedding columns: the part of the logit difference it writes by
+    itself. Returns ``heads`` ``[layer, head]``, ``mlps`` ``[layer]``, and each head's mean
+    attention to the ``io`` and to the ``subject`` (both mentions).
+    """
+    tokens, mask = encode(model.tokenizer, [s.prompt for s in samples])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=attribution_hook)
+    places = [name_positions(model.tokenizer, s) for s in samples]
+    rows, end = torch.arange(len(samples)), torch.tensor([p["end"] for p in places])
+    layers = range(model.cfg.n_layers)
+    z = torch.stack([cache["z", layer][rows, end] for layer in layers], dim=1)
+    heads = einops.einsum(
+        z, model.W_O, "batch layer head d_head, layer head d_head d_model -> batch layer head d_model"
+    )
+    mlps = torch.stack([cache["mlp_out", layer][rows, end] for layer in layers], dim=1)
+    io = word_ids(model.tokenizer, [s.answer for s in samples])
+    subject = word_ids(model.tokenizer, [" " + s.subject for s in samples])
+    direction = (model.W_U[:, io] - model.W_U[:, subject]).T * model.ln_final.w  # batch d_model
+    scale = cache["ln_final.hook_scale"][rows, end]  # batch 1
+    pattern = torch.stack([cache["pattern", layer][rows, :, end] for layer in layers], dim=1)  # batch layer head key
+
+    def attention_to(*keys: str) -> Float[Tensor, "layer head"]:
+        columns = [torch.tensor([p[key] for p in places]) for key in keys]
+        return sum(pattern[rows, :, :, column] for column in columns).mean(dim=0)
+
+    return {
+        "heads": direct_effect(heads, scale[:, :, None], direction),
+        "mlps": direct_effect(mlps, scale, direction),
+        "io": attention_to("io"),
+        "subject": attention_to("s1", "s2"),
+    }
+
+
+def attribution_hook(name: str) -> bool:
+    return name == "ln_final.hook_scale" or name.endswith(("hook_z", "hook_pattern", "hook_mlp_out"))
+
+
+def direct_effect(
+    outputs: Float[Tensor, "batch *component d_model"],
+    scale: Float[Tensor, "batch *one 1"],
+    direction: Float[Tensor, "batch d_model"],
+) -> Float[Tensor, "*component"]:
+    """Mean over the batch of each component's output, as the final LayerNorm sees it, along ``direction``."""
+    centred = (outputs - outputs.mean(dim=-1, keepdim=True)) / scale[..., None]
+    shape = (direction.shape[0],) + (1,) * (outputs.ndim - 2) + (direction.shape[1],)
+    return (centred * direction.reshape(shape)).sum(dim=-1).mean(dim=0)
