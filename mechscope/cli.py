@@ -128,27 +128,25 @@ def zoo_explain(
     from mechscope.toys.zoo import explain
 
     try:
-        findings = explain(name)
+        explain(name)  # prints the findings
     except FileNotFoundError as error:
         fail(error)
-    typer.echo(str(findings))
 
 
 @app.command()
 def demo() -> None:
     """The main job: load each shipped model organism and print what it learned."""
-    from mechscope.toys.zoo import explain, load_run, shipped
+    from mechscope.toys.zoo import load_run, shipped
 
     names = shipped()
     if not names:
         fail("no shipped organisms found; reinstall mechscope")
     for name in names:
         start = time.perf_counter()
-        findings = explain(name)
-        record = load_run(name)[2]
-        typer.echo(
-            f"{findings}\n  (trained with: {record['command']}; explained in {time.perf_counter() - start:.1f} s)\n"
-        )
+        model, organism, record, metrics = load_run(name)
+        typer.echo(str(organism.explain(model, metrics)))
+        took = time.perf_counter() - start
+        typer.echo(f"  (trained with: {record['command']}; loaded and explained in {took:.1f} s)\n")
 
 
 def main() -> None:

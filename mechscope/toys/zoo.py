@@ -63,7 +63,10 @@ def load(name_or_path: str | Path) -> nn.Module:
     return model
 
 
-def explain(name_or_path: str | Path) -> Findings:
-    """The ground-truth findings of a shipped organism or of a run directory."""
+def explain(name_or_path: str | Path, verbose: bool = True) -> Findings:
+    """Print (unless ``verbose=False``) and return the findings of a shipped organism or a run."""
     model, organism, _, metrics = load_run(name_or_path)
-    return organism.explain(model, metrics)
+    findings = organism.explain(model, metrics)
+    if verbose:
+        print(findings)
+    return findings

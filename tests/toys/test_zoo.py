@@ -74,3 +74,11 @@ def test_every_registered_organism_imports_and_has_a_recipe():
         cls = organism_class(name)
         assert cls.name == name and cls.summary
         assert cls().train_config().steps > 0
+
+
+def test_explain_prints_the_findings_it_returns(capsys):
+    findings = zoo.explain("superposition")
+    assert capsys.readouterr().out.strip() == str(findings).strip()
+    assert str(findings).startswith("superposition:") and findings.lines
+    zoo.explain("superposition", verbose=False)
+    assert capsys.readouterr().out == ""
