@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from mechscope.loading.tokens import train_byte_level_bpe
+
 BOS = "<|endoftext|>"
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Anna", "Sam", "Kate"]
 PLACES = ["store", "park", "school", "garden", "station", "market"]
@@ -34,20 +36,9 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> Any:
     """A GPT-2-style byte-level BPE tokenizer as a transformers ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return train_byte_level_bpe(
+        sentences(2000, seed), vocab_size, BOS, add_prefix_space=False, bos_token=BOS, eos_token=BOS, unk_token=BOS
     )
-    core.train_from_iterator(sentences(2000, seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=BOS, unk_token=BOS)
 
 
 def tiny_gpt2(seed: int = 0, **overrides: Any) -> Any:

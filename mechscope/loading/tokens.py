@@ -12,6 +12,7 @@ counts positions over real tokens only, so either side gives the same logits at 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -121,3 +122,28 @@ def to_single_token(tokenizer: Any, string: str) -> int:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise TokenizerError(f"{string!r} is {len(ids)} tokens, not one: {pieces}")
     return ids[0]
+
+
+def train_byte_level_bpe(
+    texts: Iterable[str], vocab_size: int, special_token: str, add_prefix_space: bool, **roles: Any
+) -> Any:
+    """GPT-2's scheme (byte-level BPE: words with their leading space, as bytes, merged) trained
+    on ``texts`` with the ``tokenizers`` library, wrapped as a transformers fast tokenizer.
+
+    ``roles`` name the special token's jobs (``bos_token=..., pad_token=...``) and any other
+    ``PreTrainedTokenizerFast`` argument.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[special_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **roles)

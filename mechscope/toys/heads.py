@@ -13,6 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope.toys.organism import Findings
+
 
 def repeated_tokens(
     d_vocab: int, length: int, batch: int, generator: torch.Generator, bos: int | None = None
@@ -68,3 +70,17 @@ def best_head(scores: Float[Tensor, "layer head"], layer: int | None = None) -> 
     flat = int(scores.argmax())
     layer, head = divmod(flat, scores.shape[1])
     return layer, head, float(scores[layer, head])
+
+
+def add_head_findings(
+    findings: Findings, scores: dict[str, Float[Tensor, "layer head"]], previous_token_layer: int | None = None
+) -> None:
+    """Record the best previous-token head (optionally within one layer), the best induction
+    head, and every head's scores (``head_scores``) in ``findings``."""
+    layer, head, score = best_head(scores["previous_token"], layer=previous_token_layer)
+    findings.add("previous_token_head", [layer, head])
+    findings.add("previous_token_score", score, f"previous-token head: {layer}.{head} (score {score:.2f})")
+    layer, head, score = best_head(scores["induction"])
+    findings.add("induction_head", [layer, head])
+    findings.add("induction_score", score, f"induction head: {layer}.{head} (score {score:.2f})")
+    findings.add("head_scores", {k: v.tolist() for k, v in scores.items()})

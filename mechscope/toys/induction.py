@@ -23,7 +23,7 @@ from torch import Tensor
 from mechscope.loading.pretrained import Model
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import next_token_loss
-from mechscope.toys.heads import attention_scores, best_head, repeated_tokens
+from mechscope.toys.heads import add_head_findings, attention_scores, repeated_tokens
 from mechscope.toys.organism import Findings, Organism
 from mechscope.toys.training import TrainConfig
 
@@ -116,13 +116,7 @@ class Induction(Organism):
             f"loss on repeated tokens {evaluation['repeat_loss']:.3f} nats vs {evaluation['random_loss']:.3f} on "
             f"random ones (chance {chance:.3f})",
         )
-        layer, head, score = best_head(scores["previous_token"], layer=0)
-        findings.add("previous_token_head", [layer, head])
-        findings.add("previous_token_score", score, f"previous-token head: {layer}.{head} (score {score:.2f})")
-        layer, head, score = best_head(scores["induction"])
-        findings.add("induction_head", [layer, head])
-        findings.add("induction_score", score, f"induction head: {layer}.{head} (score {score:.2f})")
-        findings.add("scores", {k: v.tolist() for k, v in scores.items()})
+        add_head_findings(findings, scores, previous_token_layer=0)
         change = phase_change(metrics, chance)
         if change is not None:
             findings.add(

@@ -73,7 +73,7 @@ def test_the_shipped_model_has_a_previous_token_head_feeding_an_induction_head()
     findings = zoo.explain("induction")
     assert findings["previous_token_head"][0] == 0 and findings["previous_token_score"] > 0.5
     assert findings["induction_head"][0] == 1 and findings["induction_score"] > 0.5
-    scores = findings["scores"]
+    scores = findings["head_scores"]
     assert max(scores["induction"][0]) < 0.2  # layer 0 cannot do induction on its own
     chance = math.log(Induction().d_vocab - 1)
     assert findings["repeat_loss"] < 0.25 * chance

@@ -25,7 +25,7 @@ from torch import Tensor
 from mechscope.loading.pretrained import Model
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import next_token_loss
-from mechscope.toys.heads import attention_scores, best_head
+from mechscope.toys.heads import add_head_findings, attention_scores
 from mechscope.toys.language import evaluation, grammar
 from mechscope.toys.language.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from mechscope.toys.organism import Findings, Organism
@@ -183,13 +183,7 @@ class SyntheticLanguage(Organism):
 
     @staticmethod
     def add_heads(findings: Findings, heads: dict[str, Tensor], attribution: dict[str, Tensor]) -> None:
-        layer, head, score = best_head(heads["induction"])
-        findings.add("induction_head", [layer, head])
-        findings.add("induction_score", score, f"best induction head: {layer}.{head} (score {score:.2f})")
-        layer, head, score = best_head(heads["previous_token"])
-        findings.add("previous_token_head", [layer, head])
-        findings.add("previous_token_score", score, f"best previous-token head: {layer}.{head} (score {score:.2f})")
-        findings.add("head_scores", {k: v.tolist() for k, v in heads.items()})
+        add_head_findings(findings, heads)
         findings.add("ioi_attribution", {k: v.tolist() for k, v in attribution.items()})
         effect = attribution["heads"]
         top = [divmod(int(i), effect.shape[1]) for i in effect.flatten().topk(2).indices]

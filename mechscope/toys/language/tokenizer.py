@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mechscope.loading.tokens import train_byte_level_bpe
 from mechscope.toys.language import grammar
 
 EOS = "<|endoftext|>"
@@ -27,19 +27,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     """Byte-level BPE with ``vocab_size`` tokens (256 bytes, ``<|endoftext|>``, then merges) trained on ``texts``."""
     if vocab_size < 258:
         raise ValueError(f"vocab_size must be at least 258 (256 bytes, <|endoftext|> and one merge), got {vocab_size}")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None, model_max_length=None
-    )
+    roles = {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None, "model_max_length": None}
+    # A prefix space makes a word at the start of a document the same token as mid-text.
+    return train_byte_level_bpe(texts, vocab_size, EOS, add_prefix_space=True, **roles)
 
 
 def build_tokenizer(seed: int, vocab_size: int, n_documents: int = 20_000) -> PreTrainedTokenizerFast:
