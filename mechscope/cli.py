@@ -1,7 +1,8 @@
 """The ``mechscope`` command: a thin shell over library functions.
 
 ``mechscope info MODEL`` describes a model and lists its hook points with their shapes;
-``mechscope demo`` is the main job (``make demo``).
+``mechscope train NAME`` trains a model organism; ``mechscope zoo list | explain NAME`` shows
+the shipped ones; ``mechscope demo`` is the main job (``make demo``).
 """
 
 from __future__ import annotations

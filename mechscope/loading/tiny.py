@@ -3,7 +3,7 @@
 Nothing here downloads anything: the model is a random ``GPT2LMHeadModel`` and the tokenizer a
 byte-level BPE trained in a second on sentences generated here. ``save_tiny_gpt2`` writes both
 with ``save_pretrained``, so loading them exercises exactly the code path of a hub model. Used
-by the test suite and by ``mechscope demo``.
+by the test suite.
 """
 
 from __future__ import annotations
