@@ -72,8 +72,9 @@ class Organism(ABC):
         """The training batch for ``step``; all randomness must come from ``generator``."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss and any extra per-step metrics (floats) to log with it."""
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The training loss and any extra metrics to log with it (scalar tensors are read only
+        at logged steps, so they cost no device sync on the others)."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics, logged every ``eval_every`` steps (the curves ``explain`` reads)."""

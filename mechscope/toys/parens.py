@@ -216,9 +216,9 @@ class Parentheses(Organism):
         rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
         return make_batch(sample_strings(self.batch_size, self.max_length, rng), self.max_length)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = class_logits(model, batch)
-        accuracy = (logits.argmax(-1) == batch.labels).float().mean().item()
+        accuracy = (logits.argmax(-1) == batch.labels).float().mean()
         return F.cross_entropy(logits, batch.labels), {"train_accuracy": accuracy}
 
     def eval_batch(self) -> Batch:

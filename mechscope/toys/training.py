@@ -142,6 +142,7 @@ def train(
         done = step + 1
         evaluate = done % config.eval_every == 0 or done == config.steps
         if evaluate or done % config.log_every == 0:
+            extra = {key: float(value) for key, value in extra.items()}  # tensors sync only when logged
             entry = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], **extra}
             if evaluate:
                 entry.update(evaluation(organism, model, done, entry, callbacks))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from mechscope import zoo
+from mechscope.loading import tokens as tok
 from mechscope.toys import checkpoint as ckpt
 from mechscope.toys import train
 from mechscope.toys.language import SyntheticLanguage, grammar
@@ -197,9 +198,7 @@ def test_bad_parameters_are_named():
 
 @pytest.fixture(scope="module")
 def shipped():
-    if "language" not in zoo.shipped():
-        pytest.skip("no shipped language checkpoint")
-    return zoo.load("language")
+    return zoo.load("language")  # shipped with the package: a missing checkpoint is a failure
 
 
 def test_shipped_model_solves_ioi_on_held_out_names(shipped):
@@ -210,6 +209,29 @@ def test_shipped_model_solves_ioi_on_held_out_names(shipped):
     completion = shipped.generate("When Mary and John went to the store, John gave a bag to", max_new_tokens=1)
     assert completion.endswith(" Mary")
     assert shipped.to_str_tokens("When Mary and John")[1:] == [" When", " Mary", " and", " John"]
+
+
+def test_direct_effects_of_heads_and_mlps_account_for_each_layer(shipped):
+    """Each layer's heads plus its output bias write what its attention output writes, and all
+    components plus the final norm's bias give the model's own IO − S logit difference."""
+    samples = ev.ioi_samples("held_out", 16, seed=5)
+    parts = ev.ioi_attribution(shipped, samples)
+    tokens, mask = tok.to_tokens(shipped.tokenizer, [s.prompt for s in samples], True, "left")
+    with torch.no_grad():
+        logits, cache = shipped.run_with_cache(tokens, attention_mask=mask)
+    io = ev.word_ids(shipped.tokenizer, [s.answer for s in samples])
+    subject = ev.word_ids(shipped.tokenizer, [" " + s.subject for s in samples])
+    stack, labels = cache.decompose_resid(pos_slice=-1, return_labels=True)
+    effects = dict(zip(labels, cache.logit_attrs(stack, io, subject, pos_slice=-1).mean(-1).tolist()))
+    for layer in range(shipped.cfg.n_layers):
+        bias = shipped.blocks[layer].attn.b_O.expand(1, len(samples), -1)
+        bias_effect = cache.logit_attrs(bias, io, subject, pos_slice=-1).mean().item()
+        assert parts["heads"][layer].sum().item() + bias_effect == pytest.approx(effects[f"{layer}_attn_out"], abs=1e-4)
+        assert parts["mlps"][layer].item() == pytest.approx(effects[f"{layer}_mlp_out"], abs=1e-4)
+    constant = (shipped.ln_final.b * (shipped.W_U[:, io] - shipped.W_U[:, subject]).T).sum(-1).mean().item()
+    rows = torch.arange(len(samples))
+    difference = (logits[rows, -1, io] - logits[rows, -1, subject]).mean().item()
+    assert sum(effects.values()) + constant == pytest.approx(difference, abs=1e-3)
 
 
 def test_shipped_model_has_induction_heads(shipped):

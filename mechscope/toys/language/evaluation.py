@@ -119,36 +119,34 @@ def name_positions(tokenizer: Any, sample: Sample) -> dict[str, int]:
 def ioi_attribution(model: Any, samples: Sequence[Sample]) -> dict[str, Tensor]:
     """Who writes logit(IO) − logit(S) at the last token of IOI prompts, and where the heads look.
 
-    The direct effect of a component is its output at the last token pushed through the final
-    LayerNorm (centred, divided by the cached scale that all components share) onto the
-    difference of the two unembedding columns: the part of the logit difference it writes by
-    itself. Returns ``heads`` ``[layer, head]``, ``mlps`` ``[layer]``, and each head's mean
-    attention to the ``io`` and to the ``subject`` (both mentions).
+    Direct logit attribution with the core cache (:meth:`ActivationCache.logit_attrs`): each
+    component's output at the last token, through the final LayerNorm with the scale of this
+    forward pass, onto the difference of the two unembedding columns. Prompts are left-padded so
+    the last token is at the same position in every row. Returns ``heads`` ``[layer, head]``,
+    ``mlps`` ``[layer]``, and each head's mean attention to the ``io`` and to the ``subject``
+    (both mentions).
     """
-    tokens, mask = encode(model.tokenizer, [s.prompt for s in samples])
+    tokens, mask = tok.to_tokens(model.tokenizer, [s.prompt for s in samples], True, "left")
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=attribution_hook)
-    places = [name_positions(model.tokenizer, s) for s in samples]
-    rows, end = torch.arange(len(samples)), torch.tensor([p["end"] for p in places])
-    layers = range(model.cfg.n_layers)
-    z = torch.stack([cache["z", layer][rows, end] for layer in layers], dim=1)
-    heads = einops.einsum(
-        z, model.W_O, "batch layer head d_head, layer head d_head d_model -> batch layer head d_model"
-    )
-    mlps = torch.stack([cache["mlp_out", layer][rows, end] for layer in layers], dim=1)
     io = word_ids(model.tokenizer, [s.answer for s in samples])
     subject = word_ids(model.tokenizer, [" " + s.subject for s in samples])
-    direction = (model.W_U[:, io] - model.W_U[:, subject]).T * model.ln_final.w  # batch d_model
-    scale = cache["ln_final.hook_scale"][rows, end]  # batch 1
-    pattern = torch.stack([cache["pattern", layer][rows, :, end] for layer in layers], dim=1)  # batch layer head key
+    layers = range(model.cfg.n_layers)
+    heads = cache.stack_head_results(pos_slice=-1)  # [layer·head, batch, d_model]
+    mlps = torch.stack([cache["mlp_out", layer][:, -1] for layer in layers])
+    head_effects = cache.logit_attrs(heads, io, subject, pos_slice=-1).mean(dim=-1)
+    pattern = torch.stack([cache["pattern", layer][:, :, -1] for layer in layers], dim=1)  # batch layer head key
+    padding = (mask == 0).sum(dim=1)
+    places = [name_positions(model.tokenizer, s) for s in samples]
+    rows = torch.arange(len(samples))
 
     def attention_to(*keys: str) -> Float[Tensor, "layer head"]:
-        columns = [torch.tensor([p[key] for p in places]) for key in keys]
+        columns = [torch.tensor([p[key] for p in places]) + padding for key in keys]
         return sum(pattern[rows, :, :, column] for column in columns).mean(dim=0)
 
     return {
-        "heads": direct_effect(heads, scale[:, :, None], direction),
-        "mlps": direct_effect(mlps, scale, direction),
+        "heads": einops.rearrange(head_effects, "(layer head) -> layer head", layer=model.cfg.n_layers),
+        "mlps": cache.logit_attrs(mlps, io, subject, pos_slice=-1).mean(dim=-1),
         "io": attention_to("io"),
         "subject": attention_to("s1", "s2"),
     }
@@ -156,14 +154,3 @@ def ioi_attribution(model: Any, samples: Sequence[Sample]) -> dict[str, Tensor]:
 
 def attribution_hook(name: str) -> bool:
     return name == "ln_final.hook_scale" or name.endswith(("hook_z", "hook_pattern", "hook_mlp_out"))
-
-
-def direct_effect(
-    outputs: Float[Tensor, "batch *component d_model"],
-    scale: Float[Tensor, "batch *one 1"],
-    direction: Float[Tensor, "batch d_model"],
-) -> Float[Tensor, "*component"]:
-    """Mean over the batch of each component's output, as the final LayerNorm sees it, along ``direction``."""
-    centred = (outputs - outputs.mean(dim=-1, keepdim=True)) / scale[..., None]
-    shape = (direction.shape[0],) + (1,) * (outputs.ndim - 2) + (direction.shape[1],)
-    return (centred * direction.reshape(shape)).sum(dim=-1).mean(dim=0)
