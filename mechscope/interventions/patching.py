@@ -25,7 +25,7 @@ A patch names a hook point and an index into its activation (without the batch d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,7 @@ from mechscope.model.names import act_name
 from mechscope.model.transformer import Transformer
 
 Index = tuple[int | slice | Sequence[int] | Tensor, ...]
+Progress = bool | Callable[[int, int], None]  # a tqdm bar, or a callback given (passes done, passes in all)
 DEFAULT_MAX_TOKENS = 8192  # tokens per batched forward pass: large enough to keep the matmuls busy
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 PASS_COST = 256  # the fixed cost of one forward pass, in computed tokens (launches, Python, hooks)
@@ -369,7 +370,7 @@ def patch(
     *,
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Float[Tensor, " patch"]:
     """The metric (batch mean) of the target run with each patch applied, one value per patch.
 
@@ -393,7 +394,9 @@ def patch(
         run = TargetRun.record(model, target, attention_mask)
         planned = plan(model, patches, source, batch, run.latest_start)
         groups = list(chunks(planned, batch, seq, max_tokens))
-        for group in tqdm(groups, desc="patching", unit="pass", disable=not progress):
+        for done, group in enumerate(tqdm(groups, desc="patching", unit="pass", disable=progress is not True)):
+            if callable(progress):
+                progress(done, len(groups))
             value = source[group[0].patch.name]
             if group[0].layer is None:
                 values = torch.cat([run_naive(model, run, item, value, metric) for item in group])
@@ -401,4 +404,6 @@ def patch(
                 resid, start = run_group(model, run, group, value)
                 values = measure(model, metric, resid, len(group), run.resid_final[:, :start])
             results[[item.number for item in group]] = values.to(results.device)
+    if callable(progress):
+        progress(len(groups), len(groups))
     return results

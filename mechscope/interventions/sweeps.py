@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mechscope.interventions.ablation import How, ablation_values
 from mechscope.interventions.metrics import MetricLike
-from mechscope.interventions.patching import DEFAULT_MAX_TOKENS, Patch, PatchingError, check_runs, patch
+from mechscope.interventions.patching import DEFAULT_MAX_TOKENS, Patch, PatchingError, Progress, check_runs, patch
 from mechscope.model.names import act_name
 from mechscope.model.transformer import Transformer
 
@@ -46,7 +46,7 @@ def sweep(
     source: Mapping[str, Tensor] | None,
     attention_mask: Tensor | None,
     max_tokens: int,
-    progress: bool,
+    progress: Progress,
 ) -> Float[Tensor, " patch"]:
     """Patch ``patches`` from the clean run (or ``source``) into the corrupted run."""
     check_runs(corrupted, metric, attention_mask, clean, names=("corrupted", "clean"))
@@ -101,7 +101,7 @@ def resid_sweep(
     source: Mapping[str, Tensor] | None = None,
     attention_mask: Tensor | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Float[Tensor, "layer pos"]:
     """Patch one position of one layer's residual stream (or attention/MLP output) at a time."""
     names = resid_names(model, hook)
@@ -122,7 +122,7 @@ def head_sweep(
     source: Mapping[str, Tensor] | None = None,
     attention_mask: Tensor | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Float[Tensor, "layer head *pos"]:
     """Patch one head at a time: ``[layer, head]`` over all positions, or ``[layer, head, pos]``
     one query position at a time with ``by_position``.
@@ -160,7 +160,7 @@ def neuron_sweep(
     source: Mapping[str, Tensor] | None = None,
     attention_mask: Tensor | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Float[Tensor, "layer neuron"]:
     """Patch one MLP neuron (its activation ``mlp.hook_post``) at all positions at a time."""
     layers = mlp_layers(model, layers)
@@ -186,7 +186,7 @@ def ablation_sweep(
     reference_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Float[Tensor, "layer component *pos"]:
     """The metric with one component ablated at a time: ``[layer, head]`` (``over="heads"``),
     ``[layer, neuron]`` (``"neurons"``), or ``[layer, 1]`` for a whole attention or MLP layer

@@ -70,3 +70,15 @@ def explain(name_or_path: str | Path, verbose: bool = True) -> Findings:
     if verbose:
         print(findings)
     return findings
+
+
+def load_any(name_or_path: str | Path) -> nn.Module:
+    """A shipped organism or training run (by name or folder), else a HuggingFace model (hub id
+    or local directory): the one loader behind every command that takes a model name."""
+    from mechscope.loading import Model
+
+    try:
+        run_directory(name_or_path)
+    except FileNotFoundError:
+        return Model.from_pretrained(str(name_or_path))
+    return load(name_or_path)

@@ -240,3 +240,25 @@ def test_a_source_of_another_length_is_refused_by_name():
             metric,
             [Patch("blocks.0.hook_resid_pre", (0,))],
         )
+
+
+def test_progress_can_be_a_callback():
+    """The workbench's progress bar: (passes done, passes in all), ending at all of them."""
+    model = random_model()
+    target = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache((target + 1) % 50)
+    patches = [Patch(f"blocks.{layer}.hook_resid_pre", (pos,)) for layer in range(3) for pos in range(8)]
+    calls = []
+    expected = patch(model, target, dict(cache.items()), LogitDiff(answer=1), patches, max_tokens=16)
+    found = patch(
+        model,
+        target,
+        dict(cache.items()),
+        LogitDiff(answer=1),
+        patches,
+        max_tokens=16,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert torch.equal(found, expected)
+    total = calls[-1][1]
+    assert total > 1 and calls == [(done, total) for done in range(total + 1)]
