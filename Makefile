@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +22,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+# The browser tests drive Debian's Chromium through Playwright; install it where it is missing
+# (a fresh CI machine starts without it). Playwright never downloads a browser of its own.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup
 	$(BIN)/mechscope demo
 
 # The suite, then again with every jaxtyping shape annotation in mechscope checked at run
 # time (beartype), so the annotations cannot drift from what the code does.
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -n 2 -q
 	$(BIN)/python -m pytest -n 2 -q -m "not bad_input and not replay" -p no:cacheprovider \
-		--jaxtyping-packages=mechscope,beartype.beartype tests/model tests/loading tests/toys tests/analysis tests/interventions
+		--jaxtyping-packages=mechscope,beartype.beartype tests/model tests/loading tests/toys tests/analysis tests/interventions \
+		tests/viz tests/app
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@
 ``mechscope info MODEL`` describes a model and lists its hook points with their shapes;
 ``mechscope train NAME`` trains a model organism; ``mechscope zoo list | explain NAME`` shows
 the shipped ones; ``mechscope lens train | show MODEL`` trains a tuned lens and prints what
-each layer predicts; ``mechscope demo`` is the main job (``make demo``).
+each layer predicts; ``mechscope report MODEL --prompt ...`` writes an HTML report;
+``mechscope serve [MODEL]`` starts the workbench; ``mechscope demo`` is the main job
+(``make demo``): the report on the shipped model organisms.
 """
 
 from __future__ import annotations
@@ -60,17 +62,12 @@ def fail(error: Exception | str) -> NoReturn:
 
 def load_any_model(name: str):
     """A shipped organism or training run (by name or folder), else a HuggingFace model."""
-    from mechscope.loading import Model
-    from mechscope.toys.zoo import load, run_directory
+    from mechscope.toys.zoo import load_any
 
     try:
-        run_directory(name)
-    except FileNotFoundError:
-        try:
-            return Model.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as error:
-            fail(error)
-    return load(name)
+        return load_any(name)
+    except (OSError, ValueError, KeyError) as error:
+        fail(error)
 
 
 def load_transformer(name: str, reading: str, instead: str):
@@ -231,19 +228,64 @@ def lens_show(
 
 
 @app.command()
-def demo() -> None:
-    """The main job: load each shipped model organism and print what it learned."""
-    from mechscope.toys.zoo import load_run, shipped
+def report(
+    model: Annotated[str, typer.Argument(help="organism name, training-run folder, or model directory / hub id")],
+    prompt: Annotated[str, typer.Option(help="the (clean) prompt")],
+    out: Annotated[Path, typer.Option(help="folder to write index.html (and assets/) into")] = Path("mechscope-report"),
+    answer: Annotated[str | None, typer.Option(help="the expected next token, e.g. ' Mary'")] = None,
+    wrong: Annotated[str | None, typer.Option(help="the competing token the metric compares against")] = None,
+    corrupted: Annotated[
+        str | None, typer.Option(help="a corrupted prompt of the same length: adds patching heatmaps")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="refuse prompts longer than this")] = None,
+) -> None:
+    """Write a self-contained HTML report on one prompt: predictions, attention, logit lens,
+    attribution, head detectors, and patching when a corrupted prompt is given."""
+    from mechscope.viz.report import report as write
 
-    names = shipped()
-    if not names:
+    loaded = load_transformer(model, "a prompt", "mechscope.viz.report(model, token_ids, out, labels=...)")
+    start = time.perf_counter()
+    try:
+        path = write(
+            loaded, prompt, out, answer=answer, wrong=wrong, corrupted=corrupted, title=model, max_tokens=max_tokens
+        )
+    except (ValueError, KeyError) as error:
+        fail(error)
+    typer.echo(f"wrote {path} in {time.perf_counter() - start:.1f} s; open it in a browser: {path.resolve().as_uri()}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder to write the report into")] = Path("mechscope-demo"),
+) -> None:
+    """The main job: a report on the shipped model organisms (induction, language, modular
+    addition, superposition), written to OUT/index.html."""
+    from mechscope.toys.zoo import shipped
+    from mechscope.viz.demo import demo_report
+
+    if not shipped():
         fail("no shipped organisms found; reinstall mechscope")
-    for name in names:
-        start = time.perf_counter()
-        model, organism, record, metrics = load_run(name)
-        typer.echo(str(organism.explain(model, metrics)))
-        took = time.perf_counter() - start
-        typer.echo(f"  (trained with: {record['command']}; loaded and explained in {took:.1f} s)\n")
+    start = time.perf_counter()
+    path = demo_report(out)
+    typer.echo(f"wrote the model-organism report in {time.perf_counter() - start:.1f} s")
+    typer.echo(f"open it in a browser: {path.resolve().as_uri()}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="organism name, run folder, or model directory / hub id")] = "language",
+    host: Annotated[str, typer.Option(help="address to bind; the default is this machine only")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    db: Annotated[Path | None, typer.Option(help="SQLite file for saved experiments")] = None,
+    max_tokens: Annotated[int, typer.Option(help="the longest prompt the page accepts")] = 256,
+) -> None:
+    """Start the workbench: a local web page to explore prompts and run patching sweeps."""
+    from mechscope.app import serve as run
+
+    try:
+        run(model, host=host, port=port, db=db, max_tokens=max_tokens)
+    except (OSError, ValueError, KeyError) as error:
+        fail(error)
 
 
 def main() -> None:

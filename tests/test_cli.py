@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from mechscope import Model, zoo
+from mechscope import Model
 from mechscope.cli import app
 from mechscope.toys.registry import ORGANISMS
 from tests.conftest import TINY_INDUCTION
@@ -75,14 +75,6 @@ def test_zoo_lists_every_organism_and_how_the_shipped_ones_were_made():
 def test_zoo_explain_an_unknown_name_fails_cleanly():
     result = runner.invoke(app, ["zoo", "explain", "dragon"])
     assert result.exit_code != 0 and "neither a shipped organism" in result.output
-
-
-def test_demo_prints_what_each_shipped_organism_learned():
-    result = runner.invoke(app, ["demo"])
-    assert result.exit_code == 0, result.output
-    for name in zoo.shipped():
-        assert f"{name}:" in result.output
-    assert "phase change:" in result.output and "induction head: 1." in result.output
 
 
 def test_info_on_a_shipped_organism_and_a_model_without_hook_points():
