@@ -1,0 +1,180 @@
+"""The workbench in a real headless Chromium: ``mechscope serve`` started as a user starts it
+(a separate process on a free local port), driven through its page."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from mechscope.loading.tiny import tiny_gpt2, train_tokenizer
+from mechscope.toys.language import grammar
+from mechscope.toys.language.evaluation import abc_prompts
+from mechscope.toys.zoo import load
+
+XSS = "<img src=x onerror=alert(1)>"
+TIMEOUT_MS = 60_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model: str, db: Path) -> Iterator[str]:
+    """``mechscope serve MODEL`` on a free port, until the block ends."""
+    port = free_port()
+    command = [sys.executable, "-m", "mechscope.cli", "serve", model, "--port", str(port), "--db", str(db)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/model", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the server at {url} did not answer within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def language_server(tmp_path_factory) -> Iterator[str]:
+    with server("language", tmp_path_factory.mktemp("db") / "workbench.sqlite3") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def ioi():
+    sample = grammar.ioi(random.Random(5), "held_out")
+    return sample, abc_prompts([sample], 5)[0]
+
+
+def submit(page, form: str, **fields: str) -> None:
+    page.locator("body[data-ready=true]").wait_for()
+    for name, value in fields.items():
+        page.locator(f"{form} [name={name}]").fill(value)
+    page.locator(f"{form} button[type=submit]").click()
+
+
+def test_a_prompt_is_explored_with_no_errors(watched, language_server, ioi):
+    page = watched.page
+    page.goto(language_server)
+    submit(page, "#prompt-form", prompt=ioi[0].prompt, answer=ioi[0].answer, wrong=" " + ioi[0].subject)
+    view = page.locator('#results .ms-widget[data-kind="attention"]')
+    view.wait_for(timeout=TIMEOUT_MS)
+    for section in ["tokens", "attention", "logit-lens", "attribution", "heads"]:
+        assert page.locator(f'#results section[data-id="{section}"]').count() == 1
+    tokens = view.locator(".ms-token")
+    before = tokens.evaluate_all("els => els.map(e => e.className + e.style.backgroundColor)")
+    tokens.nth(6).hover()
+    assert tokens.evaluate_all("els => els.map(e => e.className + e.style.backgroundColor)") != before
+    assert "ms-focus" in tokens.nth(6).get_attribute("class")
+    watched.assert_clean()
+
+
+def test_a_patching_run_started_from_the_page_completes(watched, language_server, ioi):
+    sample, corrupted = ioi
+    page = watched.page
+    page.goto(language_server)
+    page.locator("#patching-form select[name=hook] option").first.wait_for(state="attached")
+    submit(
+        page,
+        "#patching-form",
+        clean=sample.prompt,
+        corrupted=corrupted,
+        answer=sample.answer,
+        wrong=" " + sample.subject,
+    )
+    page.locator("#progress[data-state=done]").wait_for(timeout=TIMEOUT_MS)
+    assert page.locator("#progress").get_attribute("aria-valuenow") == "100"
+    heatmap = page.locator('#results section[data-id="patching"] .ms-widget[data-kind="heatmap"]').first
+    heatmap.wait_for()
+    language = load("language")
+    n_tokens = len(language.to_str_tokens(sample.prompt))
+    assert heatmap.locator(".ms-col-label").count() == n_tokens
+    assert heatmap.locator(".ms-cell").count() == language.cfg.n_layers * n_tokens
+    watched.assert_clean()
+
+
+@pytest.mark.bad_input
+def test_bad_input_gets_a_sentence_not_a_stack_trace(watched, language_server):
+    page = watched.page
+    page.goto(language_server)
+    error = page.locator("#error")
+    submit(page, "#prompt-form", prompt="   ")
+    error.wait_for(state="visible")
+    assert "empty" in error.inner_text()
+    submit(page, "#prompt-form", prompt="Mary " * 400)
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('limit')")
+    assert f"the limit is {load('language').cfg.n_ctx} tokens" in error.inner_text()  # n_ctx < --max-tokens
+    submit(page, "#activation-form", prompt="Mary went home", hook="blocks.9.mlp.hook_post")
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('hook')")
+    text = error.inner_text()
+    assert "blocks.9.mlp.hook_post" in text and "Traceback" not in text
+    # a page that shows errors as intended logs none
+    assert [e for e in watched.errors if "400" not in e] == []
+
+
+@pytest.fixture(scope="module")
+def xss_model(tmp_path_factory) -> Path:
+    """A tiny GPT-2 whose vocabulary holds a token that is an HTML tag."""
+    directory = tmp_path_factory.mktemp("xss-model")
+    tokenizer = train_tokenizer(320, 0)
+    tokenizer.add_tokens([XSS])
+    tiny_gpt2(0, vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_token_that_looks_like_markup_is_shown_as_text(watched, xss_model, tmp_path):
+    with server(str(xss_model), tmp_path / "db.sqlite3") as url:
+        page = watched.page
+        page.goto(url)
+        submit(page, "#prompt-form", prompt=f"the {XSS} cat")
+        view = page.locator('#results .ms-widget[data-kind="attention"]')
+        view.wait_for(timeout=TIMEOUT_MS)
+        assert XSS in view.locator(".ms-token").all_inner_texts()
+        assert page.locator("img").count() == 0
+        page.locator("#experiments li").first.wait_for()
+    watched.assert_clean()
+
+
+def test_an_experiment_outlives_a_restart(watched, tmp_path, ioi):
+    db = tmp_path / "workbench.sqlite3"
+    page = watched.page
+    with server("language", db) as url:
+        page.goto(url)
+        submit(page, "#prompt-form", prompt=ioi[0].prompt)
+        page.locator('#results .ms-widget[data-kind="attention"]').wait_for(timeout=TIMEOUT_MS)
+        page.locator("#experiments li").first.wait_for()
+        saved = page.locator("#experiments li").all_inner_texts()
+    with server("language", db) as url:
+        page.goto(url)
+        listed = page.locator("#experiments li")
+        listed.first.wait_for()
+        assert listed.all_inner_texts() == saved
+        listed.first.click()
+        page.locator('#results .ms-widget[data-kind="attention"]').wait_for(timeout=TIMEOUT_MS)
+    watched.assert_clean()
