@@ -120,26 +120,29 @@ def attention_section(seen: Prompt, patterns: Tensor) -> Section:
 
 def lens_section(model: Any, seen: Prompt, answer_id: int) -> Section:
     result = logit_lens(model, seen.ids, answer=torch.tensor([answer_id]))
-    rank = result.rank[:, 0, -1].tolist()
+    where = first_top(result.rank[:, 0, -1].tolist(), result.labels)
     return Section(
         "logit-lens",
         "Logit lens",
         "What each layer's residual stream would predict if it were the last: the top next token and its "
         "probability, read through the model's final norm and unembedding.",
         [logit_lens_heatmap(result, seen.labels, seen.decode)],
-        facts=[
-            f"At the last position {seen.decode(answer_id)!r} is the lens' top prediction from "
-            f"{first_top(rank, result.labels)} on."
-        ],
+        facts=[f"At the last position {seen.decode(answer_id)!r} is the lens' top prediction {where}."],
     )
 
 
 def first_top(rank: list[int], labels: list[str]) -> str:
-    """The first layer from which the lens' top prediction is the model's final one, and stays."""
+    """Where the lens' top prediction becomes the answer and stays, in words."""
     layer = len(rank)
     while layer > 0 and rank[layer - 1] == 0:
         layer -= 1
-    return labels[layer] if layer < len(labels) else "none"
+    if layer == len(rank):
+        return "at no layer"
+    if labels[layer] == "final_post":
+        return "only at the final layer"
+    if layer == 0:
+        return "the embeddings on"
+    return f"layer {layer - 1}'s output on"
 
 
 def attribution_section(model: Any, seen: Prompt, answer_id: int, wrong_id: int | None) -> Section:
@@ -310,7 +313,7 @@ def patching_sections(
     except PatchingError as error:
         raise InputError(str(error)) from None
     scale = f"normalised logit difference ({metric.clean:.2f} clean, {metric.corrupted:.2f} corrupted)"
-    columns = [f"{i}: {label}" for i, label in enumerate(seen.labels)]
+    columns = list(seen.labels)
     head_columns = head_labels(heads)
     return [
         Section(

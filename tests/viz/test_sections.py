@@ -156,3 +156,18 @@ def test_progress_weights_each_sweep_by_its_size():
     progress.part(1)(1, 1)
     assert seen == [pytest.approx(15 / 40), pytest.approx(1.0)]
     assert Progress(None, [1]).part(0) is False
+
+
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [
+        ([0, 0, 0, 0], "the embeddings on"),
+        ([3, 0, 0, 0], "layer 0's output on"),
+        ([3, 0, 2, 0], "only at the final layer"),
+        ([1, 1, 1, 4], "at no layer"),
+    ],
+)
+def test_where_the_lens_finds_the_answer_is_said_in_words(rank, expected):
+    from mechscope.viz.sections import first_top
+
+    assert first_top(rank, ["0_pre", "1_pre", "2_pre", "final_post"]) == expected
