@@ -275,9 +275,9 @@ def demo(
 def serve(
     model: Annotated[str, typer.Argument(help="organism name, run folder, or model directory / hub id")] = "language",
     host: Annotated[str, typer.Option(help="address to bind; the default is this machine only")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 8000,
     db: Annotated[Path | None, typer.Option(help="SQLite file for saved experiments")] = None,
-    max_tokens: Annotated[int, typer.Option(help="the longest prompt the page accepts")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="the longest prompt the page accepts", min=1)] = 256,
 ) -> None:
     """Start the workbench: a local web page to explore prompts and run patching sweeps."""
     from mechscope.app import serve as run

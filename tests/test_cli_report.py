@@ -49,3 +49,12 @@ def test_serve_binds_this_machine_by_default():
     result = runner.invoke(app, ["serve", "--help"])
     assert result.exit_code == 0
     assert "127.0.0.1" in result.output
+
+
+def test_serve_refuses_what_it_cannot_start_in_one_line(tmp_path):
+    result = runner.invoke(app, ["serve", "no-such-model-here"])
+    assert result.exit_code == 1
+    assert "'no-such-model-here' is not a shipped organism (induction" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["serve", "--port", "99999"])
+    assert result.exit_code == 2 and "65535" in result.output

@@ -5,6 +5,10 @@ while the page polls each job's state and progress.
 A failed job's error is shown to the user only when it is a message written for them (a
 ValueError or KeyError from the library, which names what was wrong); anything else becomes
 "internal error" with the traceback in the server log, never on the page.
+
+A job is cancelled through its progress callback: once the runner is shutting down the next
+report raises :class:`Cancelled`, so a sweep (which reports after every forward pass) stops
+within one pass instead of running to its end while the server waits.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ State = Literal["queued", "running", "done", "failed"]
 Progress = Callable[[float], None]
 Work = Callable[[Progress], Any]  # given a progress callback (fraction in [0, 1]), returns the result
 INTERNAL_ERROR = "internal error (see the server log)"
+CANCELLED = "cancelled"
 KEEP_FINISHED = 100  # finished jobs remembered for polling; older ones are forgotten
 
 
@@ -42,6 +47,10 @@ class Job:
         return self.state in ("done", "failed")
 
 
+class Cancelled(Exception):
+    """Raised inside a job's progress callback once the runner is shutting down."""
+
+
 def user_message(error: BaseException) -> str:
     """What the page may show about a failure: the library's own message, or a generic line."""
     if isinstance(error, KeyError) and error.args:
@@ -58,6 +67,7 @@ class JobRunner:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechscope-job")
+        self._stopping = threading.Event()
 
     def submit(self, work: Work) -> str:
         """Queue ``work`` and return the new job's id at once."""
@@ -75,14 +85,27 @@ class JobRunner:
                 raise KeyError(f"no job with id {id!r} (finished jobs are forgotten after {KEEP_FINISHED} more)")
             return self._jobs[id]
 
+    def running(self) -> Job | None:
+        """The job running now, if any."""
+        with self._lock:
+            return next((job for job in self._jobs.values() if job.state == "running"), None)
+
     def shutdown(self) -> None:
-        """Drop queued jobs and wait for the running one to finish."""
+        """Cancel the running job at its next progress report, drop queued ones, and wait for
+        the thread to end (blocking: call it off the event loop)."""
+        self._stopping.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for id, job in self._jobs.items():
+                if not job.finished:
+                    self._jobs[id] = replace(job, state="failed", error=CANCELLED)
 
     def _run(self, id: str, work: Work) -> None:
         self._update(id, state="running")
         try:
             result = work(lambda fraction: self._report(id, fraction))
+        except Cancelled:
+            self._update(id, state="failed", error=CANCELLED)
         except Exception as error:
             if user_message(error) == INTERNAL_ERROR:
                 logger.exception("job %s failed", id)
@@ -91,7 +114,10 @@ class JobRunner:
             self._update(id, state="done", progress=1.0, result=result)
 
     def _report(self, id: str, fraction: float) -> None:
-        """Record progress, kept within [0, 1] and never moving backwards."""
+        """Record progress, kept within [0, 1] and never moving backwards; stop the job here
+        once the runner is shutting down."""
+        if self._stopping.is_set():
+            raise Cancelled(f"job {id} cancelled: the server is stopping")
         fraction = min(max(float(fraction), 0.0), 1.0)
         with self._lock:
             job = self._jobs.get(id)

@@ -3,14 +3,17 @@ runs a patching sweep with a progress bar, and reopens earlier experiments.
 
 The server only ever runs mechscope's own analyses on text it is sent; no endpoint runs user
 code. It binds to 127.0.0.1 by default, answers only requests addressed to this machine by
-name (a web page elsewhere cannot reach it through DNS rebinding), refuses cross-site POSTs,
+name (a web page elsewhere cannot reach it through DNS rebinding), refuses cross-site writes,
 and sends a Content-Security-Policy that lets the page load scripts from this server alone.
 Errors reach the page as ``{"error": message}``: the library's own message for bad input, a
-generic line (and the traceback in the server log) for anything else.
+generic line (and the traceback in the server log) for anything else. One analysis runs on the
+model at a time; a request that arrives during a patching sweep is told so at once (409) rather
+than kept waiting, and stopping the server cancels the sweep at its next forward pass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import textwrap
 import threading
@@ -22,16 +25,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
+from mechscope.app.inputs import (
+    ActivationRequest,
+    BadRequest,
+    BodyLimit,
+    ExperimentId,
+    PatchingRequest,
+    PromptRequest,
+    error,
+    http_message,
+    validation_message,
+    validation_status,
+)
 from mechscope.app.jobs import INTERNAL_ERROR, JobRunner, user_message
-from mechscope.app.store import ExperimentStore
+from mechscope.app.store import MAX_ID, ExperimentStore
 from mechscope.interventions.sweeps import RESID_HOOKS
 from mechscope.model.names import act_name
-from mechscope.viz.prompts import read_prompt, same_length, single_token
+from mechscope.viz import html as viz_html
+from mechscope.viz.prompts import Prompt, read_prompt, same_length, single_token
 from mechscope.viz.sections import activation_section, patching_sections, prompt_sections
 
 logger = logging.getLogger(__name__)
@@ -59,65 +76,25 @@ SECURITY_HEADERS = {
 }
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 TITLE_WIDTH = 80
-
-
-# ------------------------------------------------------------------ requests
-
-
-class Strict(BaseModel):
-    """A request body: unknown fields are refused, so a typo in a field name is not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class PromptRequest(Strict):
-    prompt: str
-    answer: str | None = None
-    wrong: str | None = None
-
-
-class ActivationRequest(Strict):
-    prompt: str
-    hook: str = Field(min_length=1)
-    index: int | None = None
-
-
-class PatchingRequest(Strict):
-    clean: str
-    corrupted: str
-    answer: str
-    wrong: str
-    hook: str = "resid_pre"
-
-
-class BadRequest(Exception):
-    """Input the library refused: the message, written for the user, goes to the page."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message, self.status = message, status
-
-
-def error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def validation_message(error: RequestValidationError) -> str:
-    """Pydantic's errors as one sentence per field: ``answer: Input should be a valid string``."""
-    parts = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-        if problem.get("type") == "json_invalid":
-            parts.append("the request body is not valid JSON")
-        elif not where:
-            parts.append(f"the request body must be a JSON object ({problem.get('msg', 'invalid')})")
-        else:
-            parts.append(f"{where}: {problem.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+LOCK_WAIT_S = 5.0  # how long a request waits for another request's forward pass before a 409
+PAGE_LIMIT = 500  # the most experiments one list request returns
 
 
 def shorten(text: str) -> str:
     return textwrap.shorten(" ".join(text.split()), TITLE_WIDTH, placeholder=" …") or "(empty)"
+
+
+def patching_title(clean: Prompt, corrupted: Prompt, hook: str, text: str) -> str:
+    """A sweep named by what it swaps, the first token where the prompts differ:
+    ``John → Mary · resid_pre · When Mary and …``."""
+    length = min(clean.length, corrupted.length)
+    differ = (clean.ids[0, :length] != corrupted.ids[0, :length]).nonzero().flatten().tolist()
+    swap = f"{word(clean.labels[differ[0]])} → {word(corrupted.labels[differ[0]])}" if differ else "no token differs"
+    return shorten(f"{swap} · {hook} · {text}")
+
+
+def word(label: str) -> str:
+    return label.strip() or repr(label)
 
 
 # ------------------------------------------------------------------ the shared state
@@ -125,10 +102,14 @@ def shorten(text: str) -> str:
 
 def read_static() -> dict[str, bytes]:
     """The page, its own code and the viz bundle, read from the installed package once."""
-    app, viz = files("mechscope.app") / "static", files("mechscope.viz") / "static"
-    sources = {name: app / name for name in ("workbench.html", "workbench.js", "workbench.css")}
-    sources |= {name: viz / name for name in ("mechscope.js", "mechscope.css")}
-    return {name: source.read_bytes() for name, source in sources.items()}
+    app = files("mechscope.app") / "static"
+    static = {name: (app / name).read_bytes() for name in ("workbench.html", "workbench.js", "workbench.css")}
+    return static | {f"mechscope.{kind}": viz_bundle(kind) for kind in ("js", "css")}
+
+
+def viz_bundle(kind: str) -> bytes:
+    """The widgets' JavaScript or CSS, joined exactly as the report inlines it."""
+    return (viz_html.bundle_js() if kind == "js" else viz_html.bundle_css()).encode()
 
 
 @dataclass
@@ -144,9 +125,22 @@ class Workbench:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def compute(self, analysis: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one library analysis on the model; input it refuses becomes a BadRequest."""
-        with self.lock:
+        """Run one library analysis on the model; input it refuses becomes a BadRequest.
+
+        A request never waits out a sweep on the lock (it would hold one of the server's threads
+        for minutes, and enough of them would freeze even the progress polls): it gets a 409."""
+        if not self.lock.acquire(timeout=0 if self.jobs.running() else LOCK_WAIT_S):
+            raise BadRequest(self.busy(), 409)
+        try:
             return self.refusing(analysis, *args, max_tokens=self.max_tokens, **kwargs)
+        finally:
+            self.lock.release()
+
+    def busy(self) -> str:
+        job = self.jobs.running()
+        if job is None:
+            return "the model is busy with another request; try again in a moment"
+        return f"a patching sweep is running ({int(job.progress * 100)}% done); try again when it finishes"
 
     @staticmethod
     def refusing(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -178,8 +172,9 @@ class Workbench:
         id = self.store.save(kind, self.name, shorten(title), settings.model_dump(), {"sections": payload})
         return {"experiment": id, "sections": payload}
 
-    def check_patching(self, request: PatchingRequest) -> None:
-        """Refuse a bad pair now, with a 400, rather than minutes later as a failed job."""
+    def check_patching(self, request: PatchingRequest) -> str:
+        """Refuse a bad pair now, with a 400, rather than minutes later as a failed job; return
+        the sweep's title."""
         if request.hook not in self.resid_hooks():
             raise BadRequest(f"hook must be one of {', '.join(self.resid_hooks())}; got {request.hook!r}")
         clean = self.refusing(read_prompt, self.model, request.clean, what="clean prompt", max_tokens=self.max_tokens)
@@ -187,10 +182,15 @@ class Workbench:
             read_prompt, self.model, request.corrupted, what="corrupted prompt", max_tokens=self.max_tokens
         )
         self.refusing(same_length, clean, corrupted)
-        self.refusing(single_token, self.model, request.answer, "answer")
-        self.refusing(single_token, self.model, request.wrong, "wrong answer")
+        answer = self.refusing(single_token, self.model, request.answer, "answer")
+        if answer == self.refusing(single_token, self.model, request.wrong, "wrong answer"):
+            raise BadRequest(
+                f"the answer and the wrong answer are the same token ({request.answer!r}); the sweep measures "
+                "the logit difference between them, so give two different tokens"
+            )
+        return patching_title(clean, corrupted, request.hook, request.clean)
 
-    def patching(self, request: PatchingRequest, progress: Callable[[float], None]) -> dict[str, Any]:
+    def patching(self, request: PatchingRequest, title: str, progress: Callable[[float], None]) -> dict[str, Any]:
         """The body of a patching job, run on the job thread; saved when it finishes."""
         with self.lock:
             sections = patching_sections(
@@ -203,7 +203,7 @@ class Workbench:
                 progress=progress,
                 max_tokens=self.max_tokens,
             )
-        return self.save("patching", f"{request.clean} → {request.corrupted}", request, sections)
+        return self.save("patching", title, request, sections)
 
 
 # ------------------------------------------------------------------ the app
@@ -231,17 +231,51 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        bench.jobs.shutdown()
+        await stop(bench.jobs)
 
     # No /docs: the API explorer would load its scripts from a CDN.
-    app = FastAPI(title="mechscope workbench", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="mechscope workbench",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     app.state.workbench = bench
-    guard(app, allowed_hosts)
-    app.add_exception_handler(BadRequest, lambda request, problem: error(problem.message, problem.status))
-    app.add_exception_handler(RequestValidationError, lambda request, problem: error(validation_message(problem), 400))
+    app.add_middleware(BodyLimit)
+    guard(app, allowed_hosts)  # outside BodyLimit, so its 413s get the security headers too
+    add_error_handlers(app)
     add_page_routes(app, static)
     add_api_routes(app, bench)
     return app
+
+
+async def stop(jobs: JobRunner) -> None:
+    """Cancel a running sweep at its next forward pass rather than wait for its end, waiting
+    on a worker thread so the event loop stays free to finish the server's shutdown."""
+    if jobs.running() is not None:
+        print("stopping: cancelling the running patching job", flush=True)
+    await asyncio.to_thread(jobs.shutdown)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as ``{"error": sentence}``: the library's, pydantic's, and Starlette's own."""
+
+    def refused(request: Request, problem: BadRequest) -> Response:
+        return error(problem.message, problem.status)
+
+    def invalid(request: Request, problem: RequestValidationError) -> Response:
+        return error(validation_message(problem), validation_status(problem))
+
+    def http(request: Request, problem: HTTPException) -> Response:
+        message = http_message(problem.status_code, problem.detail, request.method, request.url.path)
+        response = error(message, problem.status_code)
+        response.headers.update(problem.headers or {})  # a 405 keeps its Allow header
+        return response
+
+    app.add_exception_handler(BadRequest, refused)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http)
 
 
 def guard(app: FastAPI, allowed_hosts: Sequence[str] | None) -> None:
@@ -306,8 +340,8 @@ def add_api_routes(app: FastAPI, bench: Workbench) -> None:
 
     @app.post("/api/patching")
     def patching(request: PatchingRequest) -> dict[str, Any]:
-        bench.check_patching(request)
-        return {"job": bench.jobs.submit(lambda progress: bench.patching(request, progress))}
+        title = bench.check_patching(request)
+        return {"job": bench.jobs.submit(lambda progress: bench.patching(request, title, progress))}
 
     @app.get("/api/jobs/{id}")
     def job(id: str) -> dict[str, Any]:
@@ -323,11 +357,14 @@ def add_api_routes(app: FastAPI, bench: Workbench) -> None:
         return reply
 
     @app.get("/api/experiments")
-    def experiments() -> list[dict[str, Any]]:
-        return [summary.to_json() for summary in bench.store.list()]
+    def experiments(
+        limit: int = Query(100, ge=1, le=PAGE_LIMIT), before: int | None = Query(None, ge=1, le=MAX_ID)
+    ) -> list[dict[str, Any]]:
+        """The newest experiments first; ``before`` (the last id shown) for the next page."""
+        return [summary.to_json() for summary in bench.store.list(limit, before)]
 
     @app.get("/api/experiments/{id}")
-    def experiment(id: int) -> dict[str, Any]:
+    def experiment(id: ExperimentId) -> dict[str, Any]:
         try:
             found = bench.store.get(id)
         except KeyError as missing:
@@ -335,6 +372,14 @@ def add_api_routes(app: FastAPI, bench: Workbench) -> None:
         reply = found.to_json()
         reply.pop("result")
         return reply | {"settings": found.settings, "sections": found.result.get("sections", [])}
+
+    @app.delete("/api/experiments/{id}")
+    def delete_experiment(id: ExperimentId) -> dict[str, Any]:
+        try:
+            bench.store.delete(id)
+        except KeyError as missing:
+            raise BadRequest(user_message(missing), 404) from None
+        return {"deleted": id}
 
 
 # ------------------------------------------------------------------ the command

@@ -80,5 +80,20 @@ def load_any(name_or_path: str | Path) -> nn.Module:
     try:
         run_directory(name_or_path)
     except FileNotFoundError:
+        pass
+    else:
+        return load(name_or_path)
+    try:
         return Model.from_pretrained(str(name_or_path))
-    return load(name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        if Path(name_or_path).is_dir():  # a model folder that failed to load: its own error says why
+            raise
+        reason = str(error.args[0] if isinstance(error, KeyError) and error.args else error).strip().splitlines()
+        raise ModelNotFoundError(
+            f"{str(name_or_path)!r} is not a shipped organism ({', '.join(shipped())}), a training-run folder, "
+            f"or a HuggingFace model that could be loaded: {reason[0] if reason else type(error).__name__}"
+        ) from error
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that names nothing loadable; the message lists what would have worked."""

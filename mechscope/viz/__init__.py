@@ -5,7 +5,7 @@ in Jupyter and VS Code, and :func:`page` puts several into one standalone HTML f
 JavaScript and CSS ship inside the package: nothing is fetched from any network.
 """
 
-from mechscope.viz.attention import attention_heatmap, attention_patterns
+from mechscope.viz.attention import attention_heatmap, attention_patterns, attention_token_budget
 from mechscope.viz.figures import figure_html, imshow, line, plotly_script, scatter, write_plotly_js
 from mechscope.viz.heatmaps import heatmap, logit_lens_heatmap, patching_heatmap
 from mechscope.viz.html import VizError, Widget, bundle_html, json_for_script, page
@@ -17,6 +17,7 @@ __all__ = [
     "Widget",
     "attention_heatmap",
     "attention_patterns",
+    "attention_token_budget",
     "attribution_bars",
     "bundle_html",
     "colored_tokens",

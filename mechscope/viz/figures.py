@@ -4,6 +4,11 @@ Every figure has a title and labelled axes. :func:`figure_html` turns one into a
 that needs no network: plotly.js is either inlined or loaded from a relative path that
 :func:`write_plotly_js` filled from the installed plotly package.
 
+Plotly reads every string it draws (titles, tick labels, legend names, hover text) as a little
+markup language: ``<b>``, ``<br>`` and ``<a href>`` become bold text, line breaks and links. Token
+strings are untrusted, so every string is passed through :func:`markup`, which escapes it (plotly
+decodes ``&lt;``, ``&gt;`` and ``&amp;`` back for display) and makes lone surrogates U+FFFD.
+
     fig = line(steps, {"train": train_loss, "test": test_loss}, title="Loss", x_label="step",
                y_label="loss", log_y=True)
     write_plotly_js(out / "assets")
@@ -23,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.viz.colours import PLOTLY_SCALES, Scale, value_range
-from mechscope.viz.html import VizError, as_tensor, numbers, strings
+from mechscope.viz.html import VizError, as_tensor, escape, numbers, strings
 
 PLOTLY_FILE = "plotly.min.js"
 CONFIG = {"displaylogo": False, "responsive": True}  # no logo: it links to plotly's website
@@ -32,9 +37,19 @@ Numbers = Sequence[float] | Sequence[int] | Tensor | np.ndarray  # a curve's val
 MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 
 
+def markup(text: str) -> str:
+    """``text`` as plotly shows it literally: its pseudo-HTML escaped, lone surrogates made U+FFFD."""
+    return escape(str(text), quote=False)
+
+
 def layout(fig: go.Figure, title: str, x_label: str, y_label: str) -> go.Figure:
     fig.update_layout(
-        title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white", height=HEIGHT, margin=MARGIN
+        title=markup(title),
+        xaxis_title=markup(x_label),
+        yaxis_title=markup(y_label),
+        template="plotly_white",
+        height=HEIGHT,
+        margin=MARGIN,
     )
     return fig
 
@@ -61,7 +76,8 @@ def line(
     xs = series(x, "x")
     if not isinstance(ys, Mapping) or not ys:
         raise VizError("ys must be a non-empty mapping from a curve's name to its values")
-    fig = go.Figure([go.Scatter(x=xs, y=series(y, f"ys[{name!r}]", len(xs)), name=name) for name, y in ys.items()])
+    curves = [go.Scatter(x=xs, y=series(y, f"ys[{name!r}]", len(xs)), name=markup(name)) for name, y in ys.items()]
+    fig = go.Figure(curves)
     if log_y:
         fig.update_yaxes(type="log")
     return layout(fig, title, x_label, y_label)
@@ -79,7 +95,7 @@ def scatter(
     """Points at (x, y); ``text`` labels each point on hover."""
     xs = series(x, "x")
     ys = series(y, "y", len(xs))
-    labels = None if text is None else strings(text, "text")
+    labels = None if text is None else [markup(label) for label in strings(text, "text")]
     if labels is not None and len(labels) != len(xs):
         raise VizError(f"text must have one label per point ({len(xs)}), got {len(labels)}")
     fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers", text=labels, hoverinfo="x+y+text" if labels else "x+y"))
@@ -114,15 +130,15 @@ def imshow(
 
 
 def ticks(labels: Sequence[str] | None, count: int, name: str) -> list[str] | None:
-    """Axis labels; duplicates (repeated tokens) get their index so plotly keeps every one."""
+    """Axis labels, escaped; duplicates (repeated tokens) get their index so plotly keeps every one."""
     if labels is None:
         return None
-    labels = strings(labels, name)
-    if len(labels) != count:
-        raise VizError(f"{name} must have one label per column/row ({count}), got {len(labels)}")
-    if len(set(labels)) == len(labels):
-        return labels
-    return [f"{label} ({i})" for i, label in enumerate(labels)]
+    shown = [markup(label) for label in strings(labels, name)]
+    if len(shown) != count:
+        raise VizError(f"{name} must have one label per column/row ({count}), got {len(shown)}")
+    if len(set(shown)) == len(shown):
+        return shown
+    return [f"{label} ({i})" for i, label in enumerate(shown)]
 
 
 def figure_html(fig: go.Figure, *, plotly_js: str = "inline") -> str:

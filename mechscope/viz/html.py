@@ -1,10 +1,12 @@
 """The Widget: a kind and JSON-ready data that ``mechscope.js`` turns into a picture.
 
-A widget becomes a self-contained HTML fragment: an empty ``<div>``, its data as JSON in a
-``<script type="application/json">`` tag, and one call to ``mechscope.mount``. The JavaScript
-and CSS come from files inside the package and are inlined, so nothing is ever fetched from a
-network. Token strings are untrusted: the JSON is escaped so that no string can close the
-``<script>`` tag, and the JavaScript builds its DOM with ``textContent`` only.
+A widget becomes a self-contained HTML fragment: a ``<div>`` holding a sentence for pages
+that run no JavaScript, its data as JSON in the ``<script type="application/json">`` tag right
+after it, and one call to ``mechscope.mount``. The JavaScript and CSS come from files inside the
+package and are inlined, so nothing is ever fetched from a network. Token strings are untrusted:
+the JSON is escaped so that no string can close the ``<script>`` tag, and the JavaScript builds
+its DOM with ``textContent`` only. Byte-level tokenizers can hand us lone surrogates (half of a
+character); they travel as ``\\udXXX`` escapes in JSON and as U+FFFD in HTML text.
 
     widget = colored_tokens(["The", " cat"], [0.5, -1.0])
     widget                      # renders in Jupyter and VS Code (``_repr_html_``)
@@ -28,9 +30,12 @@ from torch import Tensor
 
 KINDS = ("attention", "tokens", "heatmap", "bars", "table")
 SIGNIFICANT_DIGITS = 5
-# What JSON must not carry raw inside a <script> tag: "<" would let "</script>" or "<!--" through,
-# and U+2028/U+2029 end a line in older JavaScript parsers.
-SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+# What JSON must not carry raw inside a <script> tag: "<" would let "</script>" or "<!--" through.
+# (ensure_ascii already writes U+2028/U+2029, which end a line in older JavaScript, as escapes.)
+SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+# The JavaScript, one concern per file, concatenated in this order inside one function (bundle_js).
+JS_FILES = ("core.js", "attention.js", "heatmap.js", "others.js", "mount.js")
+FALLBACK = "mechscope widget: this view needs JavaScript; run the cell in a trusted notebook"
 
 
 class VizError(ValueError):
@@ -52,12 +57,15 @@ class Widget:
         return {"kind": self.kind, "data": self.data}
 
     def to_html(self, *, bundle: bool = True) -> str:
-        """A fragment that draws itself; ``bundle=False`` when the page already has :func:`bundle_html`."""
-        element = f"ms-{uuid.uuid4().hex}"
+        """A fragment that draws itself; ``bundle=False`` when the page already has :func:`bundle_html`.
+
+        ``mount`` finds the ``<div>`` by its ``data-ms`` key and the data in the element right after
+        it, not by id: JupyterLab may show one output twice, and then ids are no longer unique."""
+        key = f"ms-{uuid.uuid4().hex}"
         fragment = (
-            f'<div class="mechscope-widget" id="{element}"></div>\n'
-            f'<script type="application/json" id="{element}-data">{json_for_script(self.to_json())}</script>\n'
-            f'<script>mechscope.mount("{element}")</script>\n'
+            f'<div class="mechscope-widget" id="{key}" data-ms="{key}">{FALLBACK}</div>\n'
+            f'<script type="application/json" id="{key}-data">{json_for_script(self.to_json())}</script>\n'
+            f'<script>mechscope.mount("{key}")</script>\n'
         )
         return bundle_html() + fragment if bundle else fragment
 
@@ -67,24 +75,55 @@ class Widget:
 
 @cache
 def static_file(name: str) -> str:
-    """A file of ``mechscope/viz/static``; refused if it could end the tag it is inlined into."""
+    """A file of ``mechscope/viz/static``; refused if it could end (or, with ``<!--``, confuse the
+    parser about the end of) the tag it is inlined into."""
     text = resources.files("mechscope.viz").joinpath("static").joinpath(name).read_text(encoding="utf-8")
-    if "</script" in text.lower() or "</style" in text.lower():
-        raise VizError(f"static/{name} contains a closing </script> or </style> and cannot be inlined")
+    if any(bad in text.lower() for bad in ("</script", "</style", "<!--")):
+        raise VizError(f"static/{name} contains </script>, </style> or <!-- and cannot be inlined")
     return text
+
+
+@cache
+def bundle_js() -> str:
+    """All of ``mechscope.js``: the static files in :data:`JS_FILES` inside one function, so that
+    their names stay private and a second copy on the page (a second notebook cell) does nothing."""
+    files = "\n".join(static_file(name) for name in JS_FILES)
+    return (
+        "/* mechscope.js: widgets drawn from JSON with createElement and textContent; no network. */\n"
+        "(function () {\n'use strict';\n"
+        "if (window.mechscope && typeof window.mechscope.render === 'function') {\n  return;\n}\n\n"
+        f"{files}\n}}());\n"
+    )
+
+
+def bundle_css() -> str:
+    """All of ``mechscope.css``."""
+    return static_file("mechscope.css")
 
 
 def bundle_html() -> str:
     """The CSS and JavaScript every widget needs; defining them twice on one page is harmless."""
-    return f"<style>{static_file('mechscope.css')}</style>\n<script>{static_file('mechscope.js')}</script>\n"
+    return f"<style>{bundle_css()}</style>\n<script>{bundle_js()}</script>\n"
 
 
 def json_for_script(obj: Any) -> str:
-    """JSON that is safe inside a ``<script>`` tag; NaN and infinities become ``null``."""
-    text = json.dumps(finite(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """JSON that is safe inside a ``<script>`` tag and in any encoding (ASCII only: a lone
+    surrogate becomes ``\\udXXX``); NaN and infinities become ``null``."""
+    text = json.dumps(finite(obj), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     for raw, escaped in SCRIPT_ESCAPES.items():
         text = text.replace(raw, escaped)
     return text
+
+
+def displayable(text: str) -> str:
+    """``text`` with every lone surrogate (half a character, as byte-level tokenizers decode
+    with ``surrogateescape``) replaced by U+FFFD, so that it can be written as UTF-8."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def escape(text: str, *, quote: bool = True) -> str:
+    """``html.escape`` for untrusted text that may hold lone surrogates."""
+    return html.escape(displayable(text), quote=quote)
 
 
 def page(title: str, body: str, *, head: str = "") -> str:
@@ -93,7 +132,7 @@ def page(title: str, body: str, *, head: str = "") -> str:
         "<!doctype html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(title)}</title>\n{bundle_html()}{head}</head>\n"
+        f"<title>{escape(title)}</title>\n{bundle_html()}{head}</head>\n"
         f'<body class="ms-page">\n{body}\n</body>\n</html>\n'
     )
 
@@ -111,8 +150,12 @@ def finite(obj: Any) -> Any:
 
 
 def rounded(value: float) -> float | None:
-    """``value`` to 5 significant digits (enough to read, short in JSON); NaN and inf to None."""
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else None
+    """``value`` to 5 significant digits (enough to read, short in JSON); NaN and inf to None.
+    A value so near the largest float that rounding up would overflow is kept as it is."""
+    if not math.isfinite(value):
+        return None
+    short = float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    return short if math.isfinite(short) else float(value)
 
 
 def as_tensor(values: Any, name: str) -> Tensor:

@@ -77,6 +77,10 @@ def text_ids(model: Any, text: str, what: str) -> Int[Tensor, "1 pos"]:
         raise InputError(f"the {what} is empty; type some text")
     if len(text) > MAX_CHARACTERS:
         raise InputError(f"the {what} is {len(text):,} characters long; the limit is {MAX_CHARACTERS:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can read it
+        raise InputError(f"the {what} is not valid Unicode text (at character {error.start})") from None
     if getattr(model, "tokenizer", None) is None:
         raise InputError(f"this model has no tokenizer, so the {what} must be given as token ids")
     return tok.to_tokens(model.tokenizer, [text], None, "right", None, False)[0]

@@ -8,7 +8,6 @@ any chapters you assemble yourself.
 
 from __future__ import annotations
 
-import html
 import os
 import re
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.viz.figures import figure_html, write_plotly_js
-from mechscope.viz.html import page
+from mechscope.viz.html import escape, page
 from mechscope.viz.sections import Section, patching_sections, prompt_sections
 
 ASSETS = "assets"
@@ -105,27 +104,26 @@ def write_report(out: str | Path, chapters: Sequence[Chapter], *, title: str, in
 
 def header(title: str, intro: str, chapters: Sequence[Chapter]) -> str:
     contents = "".join(
-        f'<li><a href="#{anchor(i)}">{html.escape(chapter.title)}</a></li>' for i, chapter in enumerate(chapters)
+        f'<li><a href="#{anchor(i)}">{escape(chapter.title)}</a></li>' for i, chapter in enumerate(chapters)
     )
     nav = f'<nav class="ms-contents"><ol>{contents}</ol></nav>' if len(chapters) > 1 else ""
-    return f"<header><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{nav}</header>"
+    return f"<header><h1>{escape(title)}</h1><p>{escape(intro)}</p>{nav}</header>"
 
 
 def chapter_html(chapter: Chapter, number: int) -> str:
     sections = "".join(section_html(section, anchor(number, section.id)) for section in chapter.sections)
-    intro = f"<p>{html.escape(chapter.intro)}</p>" if chapter.intro else ""
+    intro = f"<p>{escape(chapter.intro)}</p>" if chapter.intro else ""
     return (
-        f'<section class="ms-chapter" id="{anchor(number)}"><h2>{html.escape(chapter.title)}</h2>{intro}'
-        f"{sections}</section>"
+        f'<section class="ms-chapter" id="{anchor(number)}"><h2>{escape(chapter.title)}</h2>{intro}{sections}</section>'
     )
 
 
 def section_html(section: Section, anchor_id: str) -> str:
-    facts = "".join(f"<li>{html.escape(fact)}</li>" for fact in section.facts)
+    facts = "".join(f"<li>{escape(fact)}</li>" for fact in section.facts)
     parts = [
-        f'<section class="ms-section" id="{anchor_id}" data-id="{html.escape(section.id)}">',
-        f"<h3>{html.escape(section.title)}</h3>",
-        f'<p class="ms-description">{html.escape(section.description)}</p>',
+        f'<section class="ms-section" id="{anchor_id}" data-id="{escape(section.id)}">',
+        f"<h3>{escape(section.title)}</h3>",
+        f'<p class="ms-description">{escape(section.description)}</p>',
         f'<ul class="ms-facts">{facts}</ul>' if facts else "",
         *(widget.to_html(bundle=False) for widget in section.widgets),
         *(figure_html(figure, plotly_js=PLOTLY_JS) for figure in section.figures),

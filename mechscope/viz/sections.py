@@ -28,7 +28,7 @@ from mechscope.interventions.patching import PatchingError
 from mechscope.interventions.sweeps import RESID_HOOKS, head_sweep, resid_sweep
 from mechscope.model.hooks import HookNameError
 from mechscope.model.names import act_name
-from mechscope.viz.attention import attention_patterns
+from mechscope.viz.attention import attention_patterns, attention_token_budget
 from mechscope.viz.heatmaps import heatmap, logit_lens_heatmap, patching_heatmap
 from mechscope.viz.html import Widget
 from mechscope.viz.prompts import InputError, Prompt, read_prompt, same_length, single_token, top_predictions
@@ -78,30 +78,45 @@ def prompt_sections(
     seen = read_prompt(model, prompt, max_tokens=max_tokens, labels=labels)
     answer_id = None if answer is None else single_token(model, answer, "answer")
     wrong_id = None if wrong is None else single_token(model, wrong, "wrong answer")
-    patterns = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
-    with torch.inference_mode():
-        logits, cache = model.run_with_cache(seen.ids, names_filter=patterns)
+    keep = min(seen.length, attention_token_budget(model.cfg.n_layers, model.cfg.n_heads))
+    logits, patterns = run_keeping_attention(model, seen.ids, keep)
     if answer_id is None:  # attribute the model's own top prediction
         answer_id = int(logits[0, -1].argmax())
     return [
         tokens_section(seen, logits[0]),
-        attention_section(seen, torch.stack([cache[name][0] for name in patterns])),
+        attention_section(seen, patterns),
         lens_section(model, seen, answer_id),
         attribution_section(model, seen, answer_id, wrong_id),
         heads_section(model, seen),
     ]
 
 
+def run_keeping_attention(model: Any, ids: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """The logits, and every head's attention among the last ``keep`` tokens
+    ``[layer, head, keep, keep]``: the rest of each pattern is never kept, so a long prompt on
+    a large model costs no more memory than the page can show."""
+    names = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
+    kept: dict[int, Tensor] = {}
+
+    def grab(pattern: Tensor, hook: Any) -> None:
+        kept[hook.layer()] = pattern[0, :, -keep:, -keep:].float().cpu()
+
+    with torch.inference_mode():
+        logits = model.run_with_hooks(ids, fwd_hooks=[(names, grab)])
+    return logits, torch.stack([kept[layer] for layer in range(model.cfg.n_layers)])
+
+
 def tokens_section(seen: Prompt, logits: Tensor) -> Section:
     top_tokens, top_probs = top_predictions(logits, seen.decode, TOP_K)
-    loss = -logits.float().log_softmax(-1)[:-1].gather(-1, seen.ids[0, 1:, None])[:, 0]
+    surprise = -logits.float().log_softmax(-1)[:-1].gather(-1, seen.ids[0, 1:, None])[:, 0].cpu()
+    loss = torch.cat([torch.tensor([float("nan")]), surprise])  # the first token has no prediction
     return Section(
         "tokens",
         "Tokens and predictions",
         "Each token coloured by the model's loss on it (how surprised it was to see it; the first token has "
         "no prediction), then the likeliest next tokens after each position.",
         [
-            colored_tokens(seen.labels[1:], loss, label="loss (nats)", scale="sequential", title="Loss per token"),
+            colored_tokens(seen.labels, loss, label="loss (nats)", scale="sequential", title="Loss per token"),
             top_k_table(seen.labels, top_tokens, top_probs, title=f"Top {top_probs.shape[-1]} next tokens"),
         ],
         facts=[f"After the last token the model predicts {top_tokens[-1][0]!r} ({float(top_probs[-1, 0]):.1%})."],
@@ -109,12 +124,20 @@ def tokens_section(seen: Prompt, logits: Tensor) -> Section:
 
 
 def attention_section(seen: Prompt, patterns: Tensor) -> Section:
+    keep = patterns.shape[-1]
+    cut = (
+        f" The prompt has {seen.length} tokens; to keep the page light this view shows the last {keep}, so "
+        "attention to earlier tokens is left out and a row may sum to less than 1."
+        if keep < seen.length
+        else ""
+    )
     return Section(
         "attention",
         "Attention patterns",
         "One square per head (rows: layers), queries down and keys across. Hover a token to see where it "
-        "attends (blue, earlier tokens) and what attends to it (orange, later tokens); click a head to select it.",
-        [attention_patterns(seen.labels, patterns)],
+        "attends (blue, earlier tokens) and what attends to it (orange, later tokens); click a head to select it."
+        + cut,
+        [attention_patterns(seen.labels[-keep:], patterns)],
     )
 
 
@@ -244,7 +267,7 @@ def activation_section(
     seen = read_prompt(model, prompt, max_tokens=max_tokens, labels=labels)
     try:
         with torch.inference_mode():
-            _, cache = model.run_with_cache(seen.ids, names_filter=[hook], return_type=None)
+            _, cache = model.run_with_cache(seen.ids, names_filter=[hook])  # logits: ln_final's hooks run too
     except HookNameError as error:
         raise InputError(str(error.args[0] if error.args else error)) from None
     activation = cache[hook][0]
@@ -294,7 +317,10 @@ def patching_sections(
     seen = read_prompt(model, clean, what="clean prompt", max_tokens=max_tokens, labels=labels)
     other = read_prompt(model, corrupted, what="corrupted prompt", max_tokens=max_tokens, labels=labels)
     same_length(seen, other)
-    base = LogitDiff(answer=single_token(model, answer, "answer"), wrong=single_token(model, wrong, "wrong answer"))
+    answer_id, wrong_id = single_token(model, answer, "answer"), single_token(model, wrong, "wrong answer")
+    if answer_id == wrong_id:
+        raise InputError("the answer and the wrong answer are the same token; the metric compares two different ones")
+    base = LogitDiff(answer=answer_id, wrong=wrong_id)
     with torch.inference_mode():
         clean_logits, corrupted_logits = model(seen.ids), model(other.ids)
     try:

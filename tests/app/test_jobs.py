@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mechscope.app import jobs as jobs_module
-from mechscope.app.jobs import INTERNAL_ERROR, Job, JobRunner
+from mechscope.app.jobs import CANCELLED, INTERNAL_ERROR, Job, JobRunner
 
 WAIT_S = 30  # an upper bound on a job that takes milliseconds, so a hang fails instead of blocking
 
@@ -122,3 +122,46 @@ def test_old_finished_jobs_are_forgotten(runner, monkeypatch):
         runner.get(ids[0])
     assert [runner.get(id).state for id in ids[1:]] == ["done", "done"]
     assert finished(runner, latest).state == "done"
+
+
+def test_shutdown_cancels_the_running_job_at_its_next_progress_report():
+    runner, started, passes = JobRunner(), threading.Event(), []
+
+    def sweep(progress):
+        deadline = time.monotonic() + WAIT_S  # a sweep far longer than the test may wait
+        while time.monotonic() < deadline:
+            progress(len(passes) / 1e6)
+            passes.append(None)
+            started.set()
+            time.sleep(0.001)
+        return "ran to the end"
+
+    id = runner.submit(sweep)
+    assert started.wait(WAIT_S)
+    assert runner.running().id == id
+    runner.shutdown()
+    job = runner.get(id)
+    assert (job.state, job.error, job.result) == ("failed", CANCELLED, None)
+    assert runner.running() is None
+
+
+def test_shutdown_marks_queued_jobs_cancelled_without_running_them():
+    runner, started, release, ran = JobRunner(), threading.Event(), threading.Event(), []
+
+    def first(progress):
+        started.set()
+        release.wait(WAIT_S)
+
+    one = runner.submit(first)
+    two = runner.submit(lambda progress: ran.append("second"))
+    assert started.wait(WAIT_S)
+    threading.Timer(0.05, release.set).start()  # the first job reports no progress, so it ends on its own
+    runner.shutdown()
+    assert runner.get(one).state == "done"
+    assert (runner.get(two).state, runner.get(two).error, ran) == ("failed", CANCELLED, [])
+
+
+def test_nothing_is_running_when_idle(runner):
+    assert runner.running() is None
+    finished(runner, runner.submit(lambda progress: None))
+    assert runner.running() is None

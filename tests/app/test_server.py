@@ -5,6 +5,7 @@ results come back as sections and are saved, a patching job runs to done, bad in
 from __future__ import annotations
 
 import re
+import threading
 import time
 from types import SimpleNamespace
 
@@ -15,9 +16,12 @@ from hypothesis import strategies as st
 
 from mechscope.app import ExperimentStore, create_app
 from mechscope.app import server as server_module
+from mechscope.app.inputs import MAX_BODY_BYTES
+from mechscope.app.jobs import CANCELLED
+from mechscope.app.store import MAX_ID
 from mechscope.interventions.sweeps import RESID_HOOKS
 from mechscope.toys.zoo import load
-from mechscope.viz.prompts import InputError
+from mechscope.viz.prompts import InputError, read_prompt
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -69,6 +73,37 @@ def finish(client: TestClient, job: str) -> tuple[dict, list[float]]:
 
 def widgets(sections: list[dict]) -> list[dict]:
     return [widget for section in sections for widget in section["widgets"]]
+
+
+class SlowSweep:
+    """Stands in for patching_sections: reports ``fraction`` after every pass, as a sweep does,
+    until released (or cancelled through its progress callback)."""
+
+    def __init__(self, fraction: float = 0.25) -> None:
+        self.fraction, self.started, self.release = fraction, threading.Event(), threading.Event()
+
+    def __call__(self, *args, progress, **kwargs) -> list:
+        deadline = time.monotonic() + WAIT_S
+        while not self.release.is_set() and time.monotonic() < deadline:
+            progress(self.fraction)
+            self.started.set()
+            time.sleep(0.005)
+        return []
+
+
+@pytest.fixture
+def slow_sweep(monkeypatch) -> SlowSweep:
+    sweep = SlowSweep()
+    monkeypatch.setattr(server_module, "patching_sections", sweep)
+    yield sweep
+    sweep.release.set()
+
+
+def running(client: TestClient, sweep: SlowSweep) -> str:
+    """Start the stand-in sweep and return its job id once it is running."""
+    job = client.post("/api/patching", json=PATCHING).json()["job"]
+    assert sweep.started.wait(WAIT_S)
+    return job
 
 
 # ------------------------------------------------------------------ what works
@@ -126,6 +161,17 @@ def test_a_patching_job_runs_to_done_and_is_saved(client, model):
     assert all(isinstance(v, float) for m in by_position for row in m["values"] for v in row)
     saved = client.get(f"/api/experiments/{status['experiment']}").json()
     assert (saved["kind"], saved["settings"], saved["sections"]) == ("patching", PATCHING, status["sections"])
+    assert saved["title"].startswith("John → Mary · resid_pre · When Mary and John")
+
+
+def test_a_patching_title_names_the_first_tokens_that_differ(model):
+    clean = read_prompt(model, "When Mary and John went to the store")
+    corrupted = read_prompt(model, "When Mary and Mary went to the the")
+    title = server_module.patching_title(clean, corrupted, "resid_mid", "When Mary and John went to the store")
+    assert title == "John → Mary · resid_mid · When Mary and John went to the store"
+    assert server_module.patching_title(clean, clean, "resid_pre", "x").startswith("no token differs")
+    long = server_module.patching_title(clean, corrupted, "resid_pre", "word " * 100)
+    assert len(long) <= server_module.TITLE_WIDTH and long.endswith("…")
 
 
 def test_experiments_are_listed_by_a_new_server_on_the_same_file(model, tmp_path):
@@ -134,6 +180,65 @@ def test_experiments_are_listed_by_a_new_server_on_the_same_file(model, tmp_path
     restarted = make_client(model, path)
     assert [e["id"] for e in restarted.get("/api/experiments").json()] == [first["experiment"]]
     assert restarted.get(f"/api/experiments/{first['experiment']}").json()["sections"] == first["sections"]
+
+
+def test_experiments_are_listed_a_page_at_a_time_newest_first(client):
+    store = client.app.state.workbench.store
+    ids = [store.save("prompt", name, f"t{i}", {}, {}) for i, name in enumerate(["language", "gpt2"] * 3)]
+    first = client.get("/api/experiments", params={"limit": 4}).json()
+    rest = client.get("/api/experiments", params={"limit": 4, "before": first[-1]["id"]}).json()
+    assert [e["id"] for e in first + rest] == ids[::-1]
+    assert {e["model"] for e in first} == {"language", "gpt2"}  # every model's experiments are listed
+
+
+def test_an_experiment_is_deleted(client):
+    store = client.app.state.workbench.store
+    kept, dropped = store.save("prompt", "language", "kept", {}, {}), store.save("prompt", "language", "gone", {}, {})
+    reply = client.delete(f"/api/experiments/{dropped}")
+    assert (reply.status_code, reply.json()) == (200, {"deleted": dropped})
+    assert [e["id"] for e in client.get("/api/experiments").json()] == [kept]
+    assert_error(client.get(f"/api/experiments/{dropped}"), 404, f"no experiment with id {dropped}")
+    assert_error(client.delete(f"/api/experiments/{dropped}"), 404, f"no experiment with id {dropped}")
+
+
+def test_a_prompt_during_a_sweep_is_a_409_saying_how_far_it_is(client, slow_sweep):
+    job = running(client, slow_sweep)
+    assert_error(client.post("/api/prompt", json={"prompt": CLEAN}), 409, "a patching sweep is running (25% done)")
+    activation = client.post("/api/activation", json={"prompt": CLEAN, "hook": "hook_embed"})
+    assert_error(activation, 409, "try again when it finishes")
+    assert client.get(f"/api/jobs/{job}").json()["state"] == "running"  # polls are answered meanwhile
+    slow_sweep.release.set()
+    assert finish(client, job)[0]["state"] == "done"
+    assert client.post("/api/prompt", json={"prompt": CLEAN}).status_code == 200
+
+
+def test_a_request_waits_briefly_for_another_one_and_then_gets_a_409(client, monkeypatch):
+    lock = client.app.state.workbench.lock
+    lock.acquire()
+    threading.Timer(0.1, lock.release).start()  # another request's forward pass, well within the wait
+    assert client.post("/api/activation", json={"prompt": CLEAN, "hook": "hook_embed"}).status_code == 200
+    monkeypatch.setattr(server_module, "LOCK_WAIT_S", 0.01)
+    with lock:
+        reply = client.post("/api/activation", json={"prompt": CLEAN, "hook": "hook_embed"})
+    assert_error(reply, 409, "the model is busy with another request")
+
+
+def test_stopping_the_server_cancels_a_running_sweep(model, tmp_path, slow_sweep, capsys):
+    with make_client(model, tmp_path / "db.sqlite3") as client:
+        job = running(client, slow_sweep)
+        jobs = client.app.state.workbench.jobs
+    stopped = jobs.get(job)  # the sweep is never released: only cancelling it lets the server stop
+    assert (stopped.state, stopped.error) == ("failed", CANCELLED)
+    assert "stopping: cancelling the running patching job" in capsys.readouterr().out
+    assert client.app.state.workbench.store.list() == []
+
+
+def test_the_viz_bundle_is_served_when_the_viz_package_joins_one(model, tmp_path, monkeypatch):
+    joined = SimpleNamespace(bundle_js=lambda: "/* joined js */", bundle_css=lambda: "/* joined css */")
+    monkeypatch.setattr(server_module, "viz_html", joined)
+    client = make_client(model, tmp_path / "db.sqlite3")
+    assert client.get("/static/mechscope.js").text == "/* joined js */"
+    assert client.get("/static/mechscope.css").text == "/* joined css */"
 
 
 def test_the_page_and_its_files_are_served_with_the_policy(client):
@@ -177,10 +282,13 @@ def test_the_page_has_no_inline_script_no_markup_injection_and_no_other_host(cli
         ("/api/patching", PATCHING | {"clean": "   "}, ["clean prompt is empty"]),
         ("/api/patching", PATCHING | {"hook": "pattern"}, ["hook must be one of", "resid_pre"]),
         ("/api/patching", PATCHING | {"wrong": ""}, ["wrong answer is empty"]),
+        ("/api/patching", PATCHING | {"wrong": " Mary"}, ["the answer and the wrong answer are the same token"]),
         ("/api/prompt", {}, ["prompt: Field required"]),
         ("/api/prompt", {"prompt": 3}, ["prompt: Input should be a valid string"]),
         ("/api/prompt", {"prompt": CLEAN, "anser": " Mary"}, ["anser"]),
         ("/api/activation", {"prompt": CLEAN, "hook": "hook_embed", "index": "two"}, ["index"]),
+        ("/api/activation", {"prompt": CLEAN, "hook": "hook_embed", "index": "3"}, ["index: Input should be a valid"]),
+        ("/api/activation", {"prompt": CLEAN, "hook": "hook_embed", "index": True}, ["index: Input should be a valid"]),
     ],
 )
 def test_bad_input_is_a_400_naming_the_problem(client, path, body, fragments):
@@ -202,11 +310,62 @@ def test_a_blank_prompt_is_refused_however_it_is_spaced(client, blank):
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [(rb'{"prompt": "x\ud800y"}', "prompt"), (rb'{"prompt": "hi", "answer": "x\udfffy"}', "answer")],
+)
+def test_a_lone_surrogate_is_refused_with_a_sentence(client, body, field):
+    response = client.post("/api/prompt", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, f"{field}: holds a lone surrogate U+D", "at character 1")
+
+
+@pytest.mark.bad_input
 def test_missing_things_are_404s(client):
     assert_error(client.get("/api/experiments/12345"), 404, "no experiment with id 12345")
     assert_error(client.get("/api/jobs/nope"), 404, "no job with id 'nope'")
     assert_error(client.get("/static/secrets.py"), 404, "no static file")
-    assert client.get("/docs").status_code == 404  # its explorer would load scripts from a CDN
+    assert_error(client.get("/docs"), 404, "nothing here: /docs")  # its explorer would load scripts from a CDN
+    assert_error(client.get("/api/nope"), 404, "/api/nope")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("id", [str(MAX_ID + 1), "99999999999999999999999", "0", "-1", "abc", "1.5"])
+def test_an_experiment_id_that_cannot_exist_is_a_404(client, id):
+    assert_error(client.get(f"/api/experiments/{id}"), 404, f"id {id!r}")
+    assert_error(client.delete(f"/api/experiments/{id}"), 404, f"id {id!r}")
+
+
+@pytest.mark.bad_input
+def test_a_wrong_method_is_a_405_sentence_that_keeps_its_allow_header(client):
+    response = client.put("/api/prompt", json={"prompt": CLEAN})
+    assert_error(response, 405, "PUT is not allowed on /api/prompt")
+    assert "POST" in response.headers["allow"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("params", "fragment"), [({"limit": 0}, "limit"), ({"limit": 10**6}, "limit"), ({"before": "x"}, "before")]
+)
+def test_a_bad_page_of_the_list_is_a_400(client, params, fragment):
+    assert_error(client.get("/api/experiments", params=params), 400, fragment)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_body_over_the_size_limit_is_a_413_sentence(client, streamed):
+    body = b"x" * (MAX_BODY_BYTES + 1)
+    content = iter([body[: MAX_BODY_BYTES // 2], body[MAX_BODY_BYTES // 2 :]]) if streamed else body
+    response = client.post("/api/prompt", content=content, headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers or not streamed  # a chunked body declares no length
+    assert_error(response, 413, f"the limit of {MAX_BODY_BYTES:,} bytes")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+
+
+@pytest.mark.bad_input
+def test_a_number_too_long_to_parse_is_a_400_sentence(client):
+    body = b'{"prompt": "hi", "hook": "hook_embed", "index": 1' + b"1" * 5000 + b"}"
+    response = client.post("/api/activation", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "the request body")
 
 
 @pytest.mark.bad_input
@@ -259,7 +418,11 @@ def test_a_model_without_a_tokenizer_is_refused(model, tmp_path):
 
 
 @pytest.mark.bad_input
-def test_cross_site_posts_are_refused(client):
+def test_cross_site_posts_and_deletes_are_refused(client):
     response = client.post("/api/prompt", json={"prompt": CLEAN}, headers={"origin": "http://attacker.example"})
     assert_error(response, 403, "cross-site")
     assert client.get("/api/experiments").json() == []
+    id = client.app.state.workbench.store.save("prompt", "language", "mine", {}, {})
+    response = client.delete(f"/api/experiments/{id}", headers={"origin": "http://attacker.example"})
+    assert_error(response, 403, "cross-site")
+    assert [e["id"] for e in client.get("/api/experiments").json()] == [id]

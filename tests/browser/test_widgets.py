@@ -1,8 +1,12 @@
 """The widgets in a real Chromium: every kind draws with no console error, no request off the
 machine and no dialog; hovering and clicking change what is highlighted as the contract says;
-token strings that look like markup stay text; a notebook fragment works alone and twice."""
+token strings that look like markup (in widgets and in plotly figures) stay text, and ones with
+lone surrogates are written and drawn; a notebook fragment works alone, twice, inserted the way
+JupyterLab inserts it, and says what it needs where no script runs."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,6 +18,7 @@ from mechscope.viz import (
     colored_tokens,
     figure_html,
     heatmap,
+    imshow,
     line,
     logit_lens_heatmap,
     page,
@@ -23,12 +28,30 @@ from mechscope.viz import (
     write_plotly_js,
 )
 from mechscope.viz.figures import PLOTLY_FILE
+from mechscope.viz.html import FALLBACK
 from tests.conftest import random_model
 
 IMG = "<img src=x onerror=alert(1)>"
 SCRIPT = "</script><script>alert(1)</script>"
 TOKENS = ["<bos>", " The", " cat", IMG, " sat", "\n", SCRIPT, " mat"]
 N = len(TOKENS)
+LINK = '<a href="https://example.com/x">l</a>'
+# JupyterLab's renderHTML: the output's HTML set as innerHTML (where scripts do not run), then
+# every <script> re-created with its text and type only (evalInnerHTMLScriptTags), so that it runs.
+JUPYTERLAB = """html => {
+  const container = document.createElement('div');
+  container.innerHTML = html;
+  document.body.appendChild(container);
+  for (const old of Array.from(container.querySelectorAll('script'))) {
+    const script = document.createElement('script');
+    script.textContent = old.textContent;
+    if (old.type) { script.type = old.type; }
+    old.replaceWith(script);
+  }
+}"""
+INNER_HTML = (
+    """html => { const d = document.createElement('div'); d.innerHTML = html; document.body.appendChild(d); }"""
+)
 
 
 def patterns() -> torch.Tensor:
@@ -124,7 +147,7 @@ def test_hovering_a_token_shows_what_it_attends_to_and_what_attends_to_it(watche
         span = tokens.nth(j)
         expected_class, weight = ("ms-attends-to", even[focus, j]) if j < focus else ("ms-attended-by", even[j, focus])
         assert expected_class in span.get_attribute("class")
-        assert float(span.get_attribute("data-weight")) == round(weight.item(), 5)
+        assert float(span.get_attribute("data-weight")) == round(weight.item(), 4)
     after = backgrounds(tokens)
     assert after[0] != before[0] and after[focus + 1] != before[focus + 1]
     assert after[0] != after[focus + 1]  # attends-to and attended-by in different colours
@@ -151,7 +174,7 @@ def test_clicking_a_head_selects_it_and_changes_the_hover_colours(watched, tmp_p
     tokens.nth(5).hover()
     assert backgrounds(tokens) != itself
     assert [tokens.nth(j).get_attribute("data-weight") for j in range(N)] != weights
-    assert float(tokens.nth(0).get_attribute("data-weight")) == round(1 / 6, 5)  # evenly over 6 tokens
+    assert float(tokens.nth(0).get_attribute("data-weight")) == round(1 / 6, 4)  # evenly over 6 tokens
     watched.assert_clean()
 
 
@@ -266,4 +289,99 @@ def test_plotly_figures_draw_offline_inline_and_from_a_local_file(watched, tmp_p
         watched.page.goto(path.as_uri())
         watched.page.wait_for_selector(".main-svg")
         assert watched.page.locator(".gtitle").text_content() == "Loss"  # an SVG text node
+    watched.assert_clean()
+
+
+def test_the_tooltip_names_the_strongest_earlier_keys_and_skips_missing_weights(watched, tmp_path):
+    missing = torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [math.nan, math.nan, math.nan]])
+    later = torch.tensor([[0.1, 0.0, 0.9], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])  # query 0 attends to key 2
+    browser_page = show(watched, tmp_path, attention_patterns(["a", "b", "c"], torch.stack([missing, later])))
+    attention = widget(browser_page, "attention")
+    tokens, tip = attention.locator(".ms-token"), attention.locator(".ms-tooltip")
+    tokens.nth(1).hover()
+    assert tip.text_content().split("\n")[1:] == ["  #1 \u201cb\u201d: 0.75", "  #0 \u201ca\u201d: 0.25"]
+    tokens.nth(2).hover()
+    assert tip.text_content() == "L0H0 \u00b7 #2 \u201cc\u201d attends most to\n  n/a"
+    away(browser_page)
+    attention.locator(".ms-head[data-layer='0'][data-head='1']").click()
+    tokens.nth(0).hover()
+    assert tip.text_content().split("\n")[1:] == ["  #0 \u201ca\u201d: 0.1"]  # not key 2, after the query
+    watched.assert_clean()
+
+
+def test_tokens_with_lone_surrogates_are_written_and_drawn(watched, tmp_path):
+    tokens = ["a", "\udce2\udc80", " b\ud83d"]  # what byte-level tokenizers decode with surrogateescape
+    widgets = [
+        colored_tokens(tokens, [1.0, 2.0, 3.0], title="\udce2"),
+        attention_patterns(tokens, patterns()[:, :, :3, :3]),
+        heatmap(torch.rand(3, 3), rows=tokens, cols=tokens, text=[tokens] * 3),
+        top_k_table(tokens, [[t] for t in tokens], torch.full((3, 1), 0.5)),
+    ]
+    browser_page = show(watched, tmp_path, *widgets)
+    assert browser_page.locator(".ms-widget").count() == len(widgets)
+    spans = widget(browser_page, "tokens").locator(".ms-token")
+    assert spans.all_inner_texts() == tokens  # the JSON carried them exactly; the font shows U+FFFD
+    widget(browser_page, "attention").locator(".ms-token").nth(1).hover()
+    assert widget(browser_page, "attention").locator(".ms-focus").count() == 1
+    watched.assert_clean()
+
+
+def test_a_notebook_fragment_inserted_the_way_jupyterlab_does_renders(watched):
+    fragment = attention_patterns(TOKENS, patterns(), title="lab")._repr_html_()
+    browser_page = watched.page
+    browser_page.set_content("<!doctype html><html><body></body></html>")
+    browser_page.evaluate(JUPYTERLAB, fragment)
+    attention = widget(browser_page, "attention")
+    assert attention.locator(".ms-title").inner_text() == "lab"
+    attention.locator(".ms-token").nth(3).hover()
+    assert attention.locator(".ms-focus").count() == 1
+    assert FALLBACK not in browser_page.inner_text("body")
+    watched.assert_clean()
+
+
+def test_the_same_fragment_shown_twice_renders_both_copies(watched):
+    fragment = colored_tokens(TOKENS, torch.arange(N) * 1.0, title="twice")._repr_html_()
+    browser_page = watched.page
+    browser_page.set_content("<!doctype html><html><body></body></html>")
+    browser_page.evaluate(JUPYTERLAB, fragment)
+    browser_page.evaluate(JUPYTERLAB, fragment)  # JupyterLab showing one output in two places: same ids
+    assert browser_page.locator(".mechscope-widget").count() == 2
+    assert browser_page.locator(".mechscope-widget[data-mounted] .ms-widget").count() == 2
+    for copy in range(2):
+        assert widget(browser_page, "tokens", copy).locator(".ms-token").count() == N
+    browser_page.set_content(fragment + fragment)  # and in a plain page, where both scripts run
+    assert browser_page.locator(".ms-widget[data-kind=tokens]").count() == 2
+    watched.assert_clean()
+
+
+def test_a_fragment_whose_scripts_never_run_says_what_it_needs(watched):
+    fragment = colored_tokens(TOKENS, torch.arange(N) * 1.0)._repr_html_()
+    browser_page = watched.page
+    browser_page.set_content("<!doctype html><html><body></body></html>")
+    browser_page.evaluate(INNER_HTML, fragment)  # an untrusted notebook: HTML shown, scripts not run
+    holder = browser_page.locator(".mechscope-widget")
+    assert holder.is_visible() and holder.inner_text() == FALLBACK
+    assert browser_page.inner_text("body").strip() == FALLBACK  # the JSON is not shown as text
+    assert browser_page.locator(".ms-widget").count() == 0
+    watched.assert_clean()
+
+
+def test_plotly_strings_that_look_like_markup_stay_text(watched, tmp_path):
+    x_ticks, y_ticks = ["<b>bold</b>", LINK], ["a&b", "<br>"]
+    fig = imshow(torch.rand(2, 2), title="<i>T</i>", x_label="<b>k</b>", y_label="q", x_ticks=x_ticks, y_ticks=y_ticks)
+    path = tmp_path / "plotly.html"
+    path.write_text(page("plotly", figure_html(fig)), encoding="utf-8")
+    browser_page = watched.page
+    browser_page.goto(path.as_uri())
+    browser_page.wait_for_selector(".main-svg")
+    assert browser_page.locator(".xtick text").all_text_contents() == x_ticks
+    assert sorted(browser_page.locator(".ytick text").all_text_contents()) == sorted(y_ticks)  # row 0 on top
+    assert browser_page.locator(".gtitle").text_content() == "<i>T</i>"
+    assert browser_page.locator(".xtitle").text_content() == "<b>k</b>"
+    links = browser_page.evaluate(
+        "() => Array.from(document.querySelectorAll('a'))"
+        ".map(a => a.getAttribute('href') || a.getAttribute('xlink:href'))"
+    )
+    assert not any("example.com" in (href or "") for href in links)
+    assert browser_page.locator("svg b, svg a, svg tspan[style*='bold'], svg tspan[style*='italic']").count() == 0
     watched.assert_clean()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mechscope.app.store import ExperimentStore
 from mechscope.loading.tiny import tiny_gpt2, train_tokenizer
 from mechscope.toys.language import grammar
 from mechscope.toys.language.evaluation import abc_prompts
@@ -22,6 +24,8 @@ from mechscope.toys.zoo import load
 
 XSS = "<img src=x onerror=alert(1)>"
 TIMEOUT_MS = 60_000
+PAGE_SIZE = 50  # workbench.js lists this many experiments at a time
+SEEDED = 60  # experiments saved before the seeded server starts: more than one page
 
 
 def free_port() -> int:
@@ -71,6 +75,27 @@ def ioi():
     return sample, abc_prompts([sample], 5)[0]
 
 
+@pytest.fixture(scope="module")
+def seeded_server(tmp_path_factory) -> Iterator[str]:
+    """A server whose database already holds experiments from two models, newest "gpt2"."""
+    db = tmp_path_factory.mktemp("seeded") / "workbench.sqlite3"
+    store = ExperimentStore(db)
+    for i in range(SEEDED):
+        model = "gpt2" if i % 2 else "language"
+        store.save("prompt", model, f"seed {i}", {"prompt": f"seed {i}"}, {"sections": [seed_section(i)]})
+    with server("language", db) as url:
+        yield url
+
+
+def seed_section(i: int) -> dict:
+    return {"id": f"seed-{i}", "title": f"Seed {i}", "description": "", "facts": [], "widgets": []}
+
+
+def listed_ids(url: str) -> list[int]:
+    with urllib.request.urlopen(f"{url}/api/experiments?limit=500") as response:
+        return [e["id"] for e in json.loads(response.read())]
+
+
 def submit(page, form: str, **fields: str) -> None:
     page.locator("body[data-ready=true]").wait_for()
     for name, value in fields.items():
@@ -115,6 +140,138 @@ def test_a_patching_run_started_from_the_page_completes(watched, language_server
     n_tokens = len(language.to_str_tokens(sample.prompt))
     assert heatmap.locator(".ms-col-label").count() == n_tokens
     assert heatmap.locator(".ms-cell").count() == language.cfg.n_layers * n_tokens
+    title = page.locator("#experiments li .wb-title").first.inner_text()
+    assert title.startswith(f"{sample.subject} → ") and " · resid_pre · " in title
+    # another kind of run hides the finished sweep's bar
+    submit(page, "#activation-form", prompt=sample.prompt, hook="hook_embed")
+    page.locator("#progress").wait_for(state="hidden")
+    page.locator('#results section[data-id="activation"]').wait_for(timeout=TIMEOUT_MS)
+    watched.assert_clean()
+
+
+def test_a_patching_run_that_is_refused_leaves_no_progress_bar(watched, language_server, ioi):
+    sample, corrupted = ioi
+    page = watched.page
+    page.goto(language_server)
+    page.locator("#patching-form select[name=hook] option").first.wait_for(state="attached")
+    fields = dict(clean=sample.prompt, corrupted=corrupted, answer=sample.answer, wrong=" " + sample.subject)
+    submit(page, "#patching-form", **fields)
+    page.locator("#progress[data-state=done]").wait_for(timeout=TIMEOUT_MS)
+    submit(page, "#patching-form", **fields | {"wrong": sample.answer})
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('same token')")
+    assert page.locator("#progress").is_hidden()
+    assert [e for e in watched.errors if "400" not in e] == []
+
+
+def test_a_patching_run_that_ends_after_another_experiment_was_opened_leaves_it_open(watched, language_server, ioi):
+    sample, corrupted = ioi
+    page = watched.page
+    page.goto(language_server)
+    submit(page, "#activation-form", prompt=sample.prompt, hook="hook_embed")
+    page.locator('#results section[data-id="activation"]').wait_for(timeout=TIMEOUT_MS)
+    opened = page.locator("#experiments li").first.get_attribute("data-id")
+    held = []  # the sweep's first poll waits here until the user has opened another experiment
+    page.route("**/api/jobs/**", lambda route: held.append(route))
+    fields = dict(clean=sample.prompt, corrupted=corrupted, answer=sample.answer, wrong=" " + sample.subject)
+    with page.expect_request("**/api/jobs/**"):
+        submit(page, "#patching-form", **fields)
+    page.locator(f'#experiments li[data-id="{opened}"] .wb-open').click()
+    page.locator(f'#results[data-experiment="{opened}"]').wait_for()
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('Experiment #')")
+    held[0].continue_()
+    page.unroute("**/api/jobs/**")  # later polls go straight through
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('patching finished')")
+    status = page.locator("#status").inner_text()
+    newest = max(listed_ids(language_server))
+    assert status == f"patching finished: experiment #{newest}"
+    assert page.locator("#results").get_attribute("data-experiment") == opened
+    page.locator(f'#experiments li[data-id="{newest}"]').wait_for()
+    watched.assert_clean()
+
+
+@pytest.mark.bad_input
+def test_text_in_the_index_box_is_an_error_not_the_norm(watched, language_server):
+    page = watched.page
+    page.goto(language_server)
+    page.locator("body[data-ready=true]").wait_for()
+    before = listed_ids(language_server)
+    page.locator("#activation-form [name=prompt]").fill("Mary went home")
+    page.locator("#activation-form [name=hook]").fill("hook_embed")
+    page.locator("#activation-form [name=index]").press_sequentially(
+        "2e"
+    )  # Chromium drops letters, but keeps an unfinished exponent
+    page.locator("#activation-form button[type=submit]").click()
+    page.locator("#error").wait_for(state="visible")
+    assert page.locator("#error").inner_text() == "index must be a whole number"
+    assert listed_ids(language_server) == before
+    watched.assert_clean()
+
+
+@pytest.mark.bad_input
+def test_a_busy_server_message_is_shown_as_sent(watched, language_server):
+    message = "a patching sweep is running (40% done); try again when it finishes"
+    page = watched.page
+    page.route("**/api/prompt", lambda route: route.fulfill(status=409, json={"error": message}))
+    page.goto(language_server)
+    submit(page, "#prompt-form", prompt="Mary went home")
+    page.locator("#error").wait_for(state="visible")
+    assert page.locator("#error").inner_text() == message
+    assert [e for e in watched.errors if "409" not in e] == []
+
+
+def test_the_list_names_each_experiment_s_model_and_pages_back(watched, seeded_server):
+    page = watched.page
+    page.goto(seeded_server)
+    page.locator("body[data-ready=true]").wait_for()
+    items = page.locator("#experiments li")
+    ids = listed_ids(seeded_server)
+    assert [int(i) for i in items.evaluate_all("els => els.map(e => e.dataset.id)")] == ids[:PAGE_SIZE]
+    metas = page.locator("#experiments .wb-meta").all_inner_texts()
+    assert any(" · gpt2 · " in m for m in metas) and any(" · language · " in m for m in metas)
+    page.locator("#experiments-more").click()
+    page.locator(f'#experiments li[data-id="{ids[-1]}"]').wait_for()
+    assert [int(i) for i in items.evaluate_all("els => els.map(e => e.dataset.id)")] == ids
+    assert page.locator("#experiments-more").is_hidden()
+    gpt2 = page.locator("#experiments li", has_text="· gpt2 ·").first
+    gpt2.locator(".wb-open").click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('Experiment #')")
+    assert "prompt on gpt2" in page.locator("#status").inner_text()
+    watched.assert_clean()
+
+
+def test_an_experiment_is_deleted_from_the_keyboard(watched, seeded_server):
+    page = watched.page
+    page.goto(seeded_server)
+    page.locator("body[data-ready=true]").wait_for()
+    first = page.locator("#experiments li").first
+    gone = first.get_attribute("data-id")
+    first.locator(".wb-open").focus()
+    page.keyboard.press("Tab")  # from the experiment to its delete button
+    assert page.evaluate("() => document.activeElement.getAttribute('aria-label')") == f"Delete experiment #{gone}"
+    page.keyboard.press("Enter")
+    page.locator(f'#experiments li[data-id="{gone}"]').wait_for(state="detached")
+    assert int(gone) not in listed_ids(seeded_server)
+    assert page.locator("#status").inner_text() == f"Deleted experiment #{gone}."
+    assert page.evaluate("() => document.activeElement.classList.contains('wb-open')")  # focus stays in the list
+    watched.assert_clean()
+
+
+def test_a_slow_answer_to_an_older_reopen_does_not_replace_a_newer_one(watched, seeded_server):
+    page = watched.page
+    page.goto(seeded_server)
+    page.locator("body[data-ready=true]").wait_for()
+    older, newer = page.locator("#experiments li").evaluate_all("els => els.slice(0, 2).map(e => e.dataset.id)")
+    held = []
+    page.route(f"**/api/experiments/{older}", lambda route: held.append(route))
+    page.locator(f'#experiments li[data-id="{older}"] .wb-open').click()
+    page.locator(f'#experiments li[data-id="{newer}"] .wb-open').click()
+    page.locator(f'#results[data-experiment="{newer}"]').wait_for()
+    with page.expect_response(f"**/api/experiments/{older}") as answer:
+        held[0].continue_()
+    answer.value.finished()
+    page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 100))")  # let the page handle it
+    assert page.locator("#results").get_attribute("data-experiment") == newer
+    assert page.locator("#status").inner_text().startswith(f"Experiment #{newer} ")
     watched.assert_clean()
 
 

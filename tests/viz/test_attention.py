@@ -1,15 +1,28 @@
 """Attention widgets: the data carries every head's pattern in [layer][head][query][key] order,
-rounded; a single head becomes a query x key heatmap on a 0..1 scale; shapes that do not match
-the tokens are refused by name."""
+rounded to 4 decimal places, and only the lower triangle when the pattern is causal; the size
+limit counts the values sent and attention_token_budget says how long a prompt fits; a single
+head becomes a query x key heatmap on a 0..1 scale; shapes that do not match the tokens are
+refused by name."""
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechscope.viz.attention import MAX_PATTERN_VALUES, attention_heatmap, attention_patterns
+from mechscope.viz import attention as module
+from mechscope.viz.attention import (
+    MAX_PATTERN_VALUES,
+    attention_heatmap,
+    attention_patterns,
+    attention_token_budget,
+    unpack_patterns,
+)
 from mechscope.viz.html import VizError, numbers
 
 
@@ -30,9 +43,54 @@ def test_the_data_holds_every_head_in_order(layers, heads, n, seed):
     assert widget.data["tokens"] == tokens
     assert widget.data["layers"] == list(range(layers))
     assert widget.data["heads"] == heads
-    assert widget.data["patterns"] == numbers(pattern)
+    assert widget.data["triangular"] is True  # causal: row q sends keys 0..q only
+    rows = [row for layer in widget.data["patterns"] for head in layer for row in head]
+    assert [len(row) for row in rows] == list(range(1, n + 1)) * layers * heads
+    assert all(w == round(w, 4) for row in rows for w in row)  # 4 decimal places
+    assert torch.allclose(unpack_patterns(widget.data), pattern.double(), rtol=0, atol=5e-5 + 1e-7)
     layer, head, query = layers - 1, heads - 1, n - 1
-    assert widget.data["patterns"][layer][head][query][0] == pytest.approx(pattern[layer, head, query, 0].item(), 1e-4)
+    assert widget.data["patterns"][layer][head][query][0] == pytest.approx(
+        pattern[layer, head, query, 0].item(), abs=5e-5
+    )
+
+
+def test_a_pattern_that_is_not_causal_sends_every_key():
+    pattern = causal_pattern(2, 3, 5).transpose(-1, -2).contiguous()  # queries attend to later keys
+    data = attention_patterns(list("abcde"), pattern).data
+    assert data["triangular"] is False
+    assert all(len(row) == 5 for layer in data["patterns"] for head in layer for row in head)
+    assert torch.allclose(unpack_patterns(data), pattern.double(), atol=5e-5 + 1e-7)
+    above = causal_pattern(1, 1, 3)
+    above[0, 0, 0, 2] = math.nan  # NaN above the diagonal is not 0: keep every key
+    nan = attention_patterns(list("abc"), above).data
+    assert nan["triangular"] is False and nan["patterns"][0][0][0][2] is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(layers=st.integers(1, 100), heads=st.integers(1, 100))
+def test_the_token_budget_is_the_longest_prompt_that_fits(layers, heads):
+    heads_in_all = layers * heads
+    n = attention_token_budget(layers, heads)
+    assert heads_in_all * n * (n + 1) // 2 <= MAX_PATTERN_VALUES < heads_in_all * (n + 1) * (n + 2) // 2
+    m = attention_token_budget(layers, heads, causal=False)
+    assert heads_in_all * m * m <= MAX_PATTERN_VALUES < heads_in_all * (m + 1) ** 2
+
+
+def test_a_prompt_of_the_budgets_length_is_drawn_and_one_token_more_refused(monkeypatch):
+    monkeypatch.setattr(module, "MAX_PATTERN_VALUES", 200)
+    n = attention_token_budget(2, 3)
+    assert 2 * 3 * n * (n + 1) // 2 <= 200
+    assert attention_patterns(["t"] * n, causal_pattern(2, 3, n)).data["triangular"]
+    with pytest.raises(VizError, match="200 a widget draws"):
+        attention_patterns(["t"] * (n + 1), causal_pattern(2, 3, n + 1))
+
+
+def test_layer_numbers_may_be_numpy_or_torch_integers():
+    pattern = causal_pattern(2, 1, 3)
+    for layers in (np.array([4, 7]), torch.tensor([4, 7]), [np.int64(4), torch.tensor(7)]):
+        data = attention_patterns(list("abc"), pattern, layers=layers).data
+        assert data["layers"] == [4, 7] and all(type(layer) is int for layer in data["layers"])
+    json.dumps(data)  # plain ints, ready for JSON
 
 
 def test_one_layer_of_heads_and_its_layer_number():
@@ -47,7 +105,7 @@ def test_patterns_with_gradients_in_half_precision_are_converted():
     pattern = causal_pattern(1, 2, 3).to(torch.bfloat16).requires_grad_()
     widget = attention_patterns(["a", "b", "c"], pattern)
     flat = [w for head in widget.data["patterns"][0] for row in head for w in row]
-    assert all(isinstance(w, float) for w in flat)
+    assert flat and all(isinstance(w, float) for w in flat)
 
 
 def test_a_single_head_is_a_query_by_key_heatmap():
@@ -71,6 +129,15 @@ def test_shapes_that_do_not_match_the_tokens_are_refused():
         attention_patterns(["a", "b"], torch.rand(2, 2))
     with pytest.raises(VizError, match="layers names the 2 layer"):
         attention_patterns(["a", "b"], causal_pattern(2, 1, 2), layers=[0])
+    for layers in ([0, 1.0], [True, 1], np.array([0.0, 1.0]), "01"):
+        with pytest.raises(VizError, match="must be 2 integer"):
+            attention_patterns(["a", "b"], causal_pattern(2, 1, 2), layers=layers)
+    with pytest.raises(VizError, match="n_heads must be an integer"):
+        attention_token_budget(12, 1.5)
+    with pytest.raises(VizError, match="must be positive"):
+        attention_token_budget(0, 12)
+    with pytest.raises(VizError, match="must be positive"):
+        attention_token_budget(-2, -6)
     with pytest.raises(VizError, match="tokens must be a list of strings"):
         attention_patterns("ab", causal_pattern(1, 1, 2))
     with pytest.raises(VizError, match=r"pattern must be \[query, key\] = \[2, 2\]"):
@@ -79,6 +146,6 @@ def test_shapes_that_do_not_match_the_tokens_are_refused():
 
 @pytest.mark.bad_input
 def test_a_pattern_too_large_to_draw_is_refused_with_a_hint():
-    n = int((MAX_PATTERN_VALUES / 4) ** 0.5) + 1
+    n = attention_token_budget(2, 2, causal=False) + 1
     with pytest.raises(VizError, match="slice some layers or heads"):
-        attention_patterns(["x"] * n, torch.zeros(2, 2, n, n))
+        attention_patterns(["x"] * n, torch.ones(2, 2, n, n))  # not causal: every value counts

@@ -1,4 +1,5 @@
-"""Plotly figures: every figure carries its title and axis labels and the data it was given;
+"""Plotly figures: every figure carries its title and axis labels and the data it was given,
+every string escaped so that plotly shows it literally instead of reading it as markup;
 figure_html either inlines plotly.js or leaves it to one relative <script src>, and never
 points at another host."""
 
@@ -11,11 +12,22 @@ import pytest
 import torch
 
 from mechscope.viz.colours import PLOTLY_SCALES
-from mechscope.viz.figures import PLOTLY_FILE, figure_html, imshow, line, plotly_script, scatter, write_plotly_js
+from mechscope.viz.figures import (
+    PLOTLY_FILE,
+    figure_html,
+    imshow,
+    line,
+    markup,
+    plotly_script,
+    scatter,
+    write_plotly_js,
+)
 from mechscope.viz.html import VizError
 
 PLOTLY_HEADER = re.compile(r"plotly\.js v\d")
 URL = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", re.IGNORECASE)
+LINK = '<a href="https://example.com/x">l</a>'
+LONE = "\udce2"  # a byte-level token's lone surrogate
 
 
 def labels(fig) -> tuple[str, str, str]:
@@ -41,8 +53,34 @@ def test_a_line_per_curve_over_the_same_x():
 def test_a_scatter_with_a_label_per_point():
     fig = scatter([1, 2], [3, 4], text=["<a>", "b"], title="S", x_label="x", y_label="y")
     assert labels(fig) == ("S", "x", "y")
-    assert list(fig.data[0].text) == ["<a>", "b"]
+    assert list(fig.data[0].text) == ["&lt;a&gt;", "b"]  # plotly shows "<a>"
     assert fig.data[0].mode == "markers"
+
+
+def test_every_string_plotly_draws_is_escaped():
+    fig = imshow(
+        torch.rand(2, 2),
+        title="<b>T</b>",
+        x_label="a&b",
+        y_label="<br>",
+        x_ticks=[LINK, "<i>x</i>"],
+        y_ticks=["q", LONE],
+    )
+    assert labels(fig) == ("&lt;b&gt;T&lt;/b&gt;", "a&amp;b", "&lt;br&gt;")
+    assert list(fig.data[0].x) == [markup(LINK), "&lt;i&gt;x&lt;/i&gt;"]
+    assert list(fig.data[0].y) == ["q", "\ufffd"]
+    curves = line([0, 1], {LINK: [1, 2], "plain": [2, 3]}, title="t", x_label="x", y_label="y")
+    assert [trace.name for trace in curves.data] == [markup(LINK), "plain"]
+    points = scatter([1, 2], [3, 4], text=[LINK, LONE], title="<s>", x_label="x", y_label="y")
+    assert list(points.data[0].text) == [markup(LINK), "\ufffd"] and points.layout.title.text == "&lt;s&gt;"
+    for figure in (fig, curves, points):
+        figure_html(figure).encode("utf-8")  # no lone surrogate reaches the page
+    assert markup(LINK) == '&lt;a href="https://example.com/x"&gt;l&lt;/a&gt;'
+
+
+def test_ticks_that_become_the_same_when_shown_stay_apart():
+    fig = imshow(torch.rand(1, 2), title="t", x_label="x", y_label="y", x_ticks=["\udce2", "\udc80"])
+    assert len(set(fig.data[0].x)) == 2
 
 
 def test_imshow_picks_the_scale_and_keeps_repeated_ticks_apart():

@@ -1,8 +1,11 @@
 """Heatmaps: labelled grids whose shapes must agree with their labels; patching results on a
 symmetric diverging scale; the logit lens showing each layer's top prediction, its probability
-and the top k on hover; and a clear refusal of grids too large to draw."""
+and the top k on hover; labels and cell text of any characters (lone surrogates included) carried
+exactly; and a clear refusal of grids too large to draw."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,12 +14,36 @@ from hypothesis import strategies as st
 
 from mechscope.analysis.lens import logit_lens
 from mechscope.viz.heatmaps import MAX_CELLS, heatmap, logit_lens_heatmap, patching_heatmap
-from mechscope.viz.html import VizError, numbers, rounded
+from mechscope.viz.html import VizError, json_for_script, numbers, page, rounded
 from tests.conftest import random_model
+
+# Labels with lone surrogates (category Cs) and markup common, joined from pieces (see test_tokens).
+TEXT = st.lists(
+    st.one_of(
+        st.characters(categories=["Cs"]), st.sampled_from(["<", ">", "&", "/", "\n", "\u2028"]), st.text(max_size=3)
+    ),
+    max_size=4,
+).map("".join)
 
 
 def decode(token: int) -> str:
     return f" tok{token}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(labels=st.lists(TEXT, min_size=1, max_size=4), title=TEXT)
+def test_labels_and_cell_text_of_any_characters_are_carried_exactly(labels, title):
+    n = len(labels)
+    widget = heatmap(torch.rand(n, n), rows=labels, cols=labels, text=[labels] * n, hover=[labels] * n, title=title)
+    assert (widget.data["rows"], widget.data["text"], widget.data["title"]) == (labels, [labels] * n, title)
+    page(title, widget.to_html(bundle=False)).encode("utf-8")
+    hover = json.loads(json_for_script(widget.to_json()))["data"]["hover"]
+    assert [[utf16(cell) for cell in row] for row in hover] == [[utf16(label) for label in labels]] * n
+
+
+def utf16(text: str) -> bytes:
+    """Text as JavaScript holds it: a pair of surrogates is one character (JSON reads them back joined)."""
+    return text.encode("utf-16-le", "surrogatepass")
 
 
 @settings(max_examples=20, deadline=None)

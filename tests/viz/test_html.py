@@ -1,5 +1,7 @@
-"""The Widget and its HTML: fragments that draw themselves, JSON that no token string can break
-out of, numbers rounded for the page, and a bundle that makes no network request."""
+"""The Widget and its HTML: fragments that draw themselves (found by a data-ms key, with a
+sentence for pages without JavaScript), JSON that no token string can break out of and that
+carries lone surrogates as escapes, numbers rounded for the page, and a bundle of the static
+files that makes no network request."""
 
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mechscope.viz.html import (
+    FALLBACK,
+    JS_FILES,
     KINDS,
     VizError,
     Widget,
     as_tensor,
+    bundle_css,
     bundle_html,
+    bundle_js,
+    displayable,
+    escape,
     json_for_script,
     numbers,
     page,
@@ -26,12 +34,21 @@ from mechscope.viz.html import (
 )
 
 FRAGMENT = re.compile(
-    r'<div class="mechscope-widget" id="(ms-[0-9a-f]+)"></div>\n'
+    r'<div class="mechscope-widget" id="(ms-[0-9a-f]+)" data-ms="(ms-[0-9a-f]+)">([^<]*)</div>\n'
     r'<script type="application/json" id="(ms-[0-9a-f]+)-data">(.*)</script>\n'
     r'<script>mechscope.mount\("(ms-[0-9a-f]+)"\)</script>\n$',
     re.DOTALL,
 )
 HOSTILE = ["<img src=x onerror=alert(1)>", "</script><script>alert(1)</script>", "<!--", "a\u2028b\u2029c", "&amp;"]
+LONE = "\ud83d"  # half of an emoji: what a byte-level tokenizer's surrogateescape decoding leaves
+# Any text, with lone surrogates (category Cs) and the characters a <script> tag fears made common: joined
+# from pieces, as one text() pools its alphabets and would then almost never draw a surrogate.
+TEXT = st.lists(
+    st.one_of(
+        st.characters(categories=["Cs"]), st.sampled_from(["<", ">", "&", "/", "\n", "\u2028"]), st.text(max_size=3)
+    ),
+    max_size=4,
+).map("".join)
 
 
 def a_widget(tokens=("a", " b")) -> Widget:
@@ -42,8 +59,9 @@ def test_a_fragment_holds_its_data_and_mounts_itself():
     widget = a_widget()
     match = FRAGMENT.search(widget.to_html(bundle=False))
     assert match is not None
-    element, data_id, payload, mounted = match.groups()
-    assert element == data_id == mounted
+    element, key, fallback, data_id, payload, mounted = match.groups()
+    assert element == key == data_id == mounted
+    assert fallback == FALLBACK and "JavaScript" in fallback  # what a page that runs no script shows
     assert json.loads(payload) == {"kind": "tokens", "data": widget.data} == widget.to_json()
 
 
@@ -62,21 +80,26 @@ def test_the_bundle_comes_first_unless_the_page_has_it():
     assert FRAGMENT.search(alone[len(bundle_html()) :]) is not None
 
 
-def test_the_bundle_inlines_the_package_files():
-    bundle = bundle_html()
-    assert static_file("mechscope.js") in bundle
-    assert static_file("mechscope.css") in bundle
+def test_the_bundle_inlines_the_package_files_in_order():
+    bundle, js = bundle_html(), bundle_js()
+    assert f"<script>{js}</script>" in bundle and f"<style>{bundle_css()}</style>" in bundle
     assert bundle.count("<script>") == 1 and bundle.count("<style>") == 1
+    assert bundle_css() == static_file("mechscope.css")
+    starts = [js.index(static_file(name)) for name in JS_FILES]
+    assert starts == sorted(starts)
+    assert js.index("'use strict'") < starts[0]  # strict mode for every file, in one function
+    assert "window.mechscope = " in static_file(JS_FILES[-1])  # exported once everything is defined
 
 
 def test_the_bundle_names_no_host_and_builds_no_markup_from_strings():
-    js, css = static_file("mechscope.js"), static_file("mechscope.css")
+    js, css = bundle_js(), bundle_css()
     for text in (js, css):
         assert "http:" not in text and "https:" not in text and "//cdn" not in text
         assert "@import" not in text and "url(" not in text
     for dangerous in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert dangerous not in js
-    assert "'use strict'" in js
+    assert "getElementById" not in js  # ids repeat when a notebook shows one output twice
+    assert "<script" not in js.lower() and "<!--" not in js  # nothing an HTML parser could read as a tag
     assert "window.mechscope && typeof window.mechscope.render === 'function'" in js  # defined once per page
 
 
@@ -89,11 +112,51 @@ def test_json_for_script_cannot_close_the_tag(text):
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.text(), max_size=5))
+@given(st.lists(TEXT, max_size=5))
 def test_json_for_script_round_trips_any_text(tokens):
     encoded = json_for_script(tokens)
-    assert "<" not in encoded and "\u2028" not in encoded
-    assert json.loads(encoded) == tokens
+    assert encoded.isascii()  # writable in any encoding, lone surrogates included
+    assert "<" not in encoded and ">" not in encoded and "&" not in encoded
+    assert [utf16(token) for token in json.loads(encoded)] == [utf16(token) for token in tokens]
+
+
+def utf16(text: str) -> bytes:
+    """Text as a JavaScript string holds it: two surrogates that form a pair are one character there
+    (and JSON's escapes read back into Python join them too)."""
+    return text.encode("utf-16-le", "surrogatepass")
+
+
+def test_a_fragment_with_lone_surrogates_can_be_written_as_utf8(tmp_path):
+    widget = a_widget(tokens=("a", LONE))
+    path = tmp_path / "page.html"
+    path.write_text(page(f"title {LONE}", widget.to_html(bundle=True)), encoding="utf-8")
+    written = path.read_text(encoding="utf-8")
+    assert "<title>title \ufffd</title>" in written
+    payload = FRAGMENT.search(widget.to_html(bundle=False)).group(5)
+    assert json.loads(payload)["data"]["tokens"] == ["a", LONE]  # the data keeps what it was given
+
+
+@settings(max_examples=20, deadline=None)
+@given(TEXT)
+def test_escape_makes_any_text_writable_and_inert(text):
+    escaped = escape(text)
+    escaped.encode("utf-8")
+    assert "<" not in escaped and ">" not in escaped and '"' not in escaped
+    shown = displayable(text)
+    assert not any(surrogate(c) for c in shown) and len(shown) <= len(text)
+    if not any(surrogate(c) for c in text):
+        assert shown == text
+
+
+def surrogate(character: str) -> bool:
+    return 0xD800 <= ord(character) <= 0xDFFF
+
+
+def test_displayable_replaces_lone_surrogates_and_joins_pairs():
+    assert displayable("a\udce2\udc80b") == "a\ufffd\ufffdb"  # surrogateescape's bytes 0xE2 0x80
+    assert displayable(LONE + "x") == "\ufffdx"
+    assert displayable("\ud83d\ude00") == "\U0001f600"  # a pair is one character
+    assert escape(f"<{LONE}>", quote=False) == "&lt;\ufffd&gt;"
 
 
 def test_json_for_script_writes_null_for_nan_and_infinities():
@@ -118,8 +181,14 @@ def test_rounded_keeps_five_significant_digits(value):
     if not math.isfinite(value):
         assert result is None
         return
-    assert result == float(f"{value:.5g}")
+    short = float(f"{value:.5g}")
+    assert result == (short if math.isfinite(short) else value)  # 1.79765e308 would round up to inf
     assert math.isclose(result, value, rel_tol=5e-5, abs_tol=0)
+
+
+def test_rounded_never_turns_a_finite_number_into_infinity():
+    largest = 1.7976931348623157e308
+    assert rounded(largest) == largest and rounded(-largest) == -largest
 
 
 def test_numbers_keep_the_shape_and_replace_nan():

@@ -90,3 +90,9 @@ def test_top_predictions_are_the_likeliest_tokens():
     texts, probs = top_predictions(logits, lambda t: f"<{t}>", 2)
     assert texts == [["<1>", "<3>"]]
     assert torch.allclose(probs, logits.softmax(-1)[:, [1, 3]])
+
+
+@pytest.mark.bad_input
+def test_text_that_is_not_unicode_is_refused(model):
+    with pytest.raises(InputError, match="not valid Unicode text"):
+        read_prompt(model, "hello \ud800 world")

@@ -13,6 +13,7 @@ from mechscope.interventions.sweeps import head_sweep, resid_sweep
 from mechscope.toys.language import grammar
 from mechscope.toys.language.evaluation import abc_prompts
 from mechscope.toys.zoo import load
+from mechscope.viz.attention import unpack_patterns
 from mechscope.viz.prompts import InputError
 from mechscope.viz.sections import Progress, activation_section, patching_sections, prompt_sections
 
@@ -55,14 +56,15 @@ def test_the_predictions_are_the_models(language, ioi, sections):
         assert first["text"] == language.to_string([token])
     loss = widgets(sections[0], "tokens")[0].data["values"]
     expected = -logits.log_softmax(-1)[:-1].gather(-1, language.to_tokens(sample.prompt)[0, 1:, None])[:, 0]
-    assert torch.allclose(torch.tensor(loss), expected, atol=1e-3, rtol=1e-3)
+    assert loss[0] is None  # the first token has no prediction
+    assert torch.allclose(torch.tensor(loss[1:]), expected.detach(), atol=1e-3, rtol=1e-3)
 
 
 def test_the_attention_view_holds_every_layers_pattern(language, ioi, sections):
     sample, _ = ioi
     _, cache = language.run_with_cache(sample.prompt)
     data = widgets(sections[1], "attention")[0].data
-    shown = torch.tensor(data["patterns"])
+    shown = unpack_patterns(data).float()
     assert shown.shape == (language.cfg.n_layers, language.cfg.n_heads, *cache["blocks.0.attn.hook_pattern"].shape[-2:])
     for layer in range(language.cfg.n_layers):
         assert torch.allclose(shown[layer], cache[f"blocks.{layer}.attn.hook_pattern"][0], atol=1e-4)
@@ -171,3 +173,41 @@ def test_where_the_lens_finds_the_answer_is_said_in_words(rank, expected):
     from mechscope.viz.sections import first_top
 
     assert first_top(rank, ["0_pre", "1_pre", "2_pre", "final_post"]) == expected
+
+
+def test_a_long_prompt_shows_attention_among_its_last_tokens(language, monkeypatch):
+    """Past the widget's budget the attention view keeps the last tokens (and says so), so a
+    long prompt on a large model still gets every other section."""
+    from mechscope.viz import sections as module
+
+    monkeypatch.setattr(module, "attention_token_budget", lambda n_layers, n_heads: 5)
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    found = prompt_sections(language, prompt)
+    labels = language.to_str_tokens(prompt)
+    data = widgets(found[1], "attention")[0].data
+    assert data["tokens"] == labels[-5:]
+    _, cache = language.run_with_cache(prompt)
+    shown = unpack_patterns(data).float()
+    assert torch.allclose(shown[2, 1], cache["blocks.2.attn.hook_pattern"][0, 1, -5:, -5:], atol=1e-3)
+    assert f"The prompt has {len(labels)} tokens" in found[1].description and "the last 5" in found[1].description
+    assert len(widgets(found[0], "table")[0].data["rows"]) == len(labels)  # the other sections keep every token
+
+
+def test_the_loss_view_numbers_tokens_like_the_table(sections, language, ioi):
+    data = widgets(sections[0], "tokens")[0].data
+    assert data["tokens"] == language.to_str_tokens(ioi[0].prompt)
+    assert data["values"][0] is None  # the first token has no prediction, so no loss
+
+
+def test_hooks_after_the_last_block_can_be_shown(language):
+    section = activation_section(language, "Mary went home", "ln_final.hook_normalized", 3)
+    _, cache = language.run_with_cache("Mary went home")
+    assert torch.allclose(torch.tensor(section.widgets[0].data["values"]), cache["ln_final.hook_normalized"][0, :, 3],
+                          atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.bad_input
+def test_the_answer_and_the_wrong_answer_must_differ(language, ioi):
+    sample, corrupted = ioi
+    with pytest.raises(InputError, match="the answer and the wrong answer are the same token"):
+        patching_sections(language, sample.prompt, corrupted, answer=sample.answer, wrong=sample.answer)

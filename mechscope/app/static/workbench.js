@@ -6,18 +6,23 @@
   "use strict";
 
   const POLL_MS = 300;
+  const PAGE_SIZE = 50;
   const $ = (selector) => document.querySelector(selector);
+
+  // Bumped each time the user asks to see something (a run, a reopen): an answer that arrives
+  // after a newer request began only reports itself, and never replaces what is on screen.
+  let view = 0;
 
   // ------------------------------------------------------------------ talking to the server
 
   class ApiError extends Error {}
 
-  async function api(path, body) {
-    const options = body === undefined ? {} : {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    };
+  async function api(path, body, method) {
+    const options = { method: method || (body === undefined ? "GET" : "POST") };
+    if (body !== undefined) {
+      options.headers = { "Content-Type": "application/json" };
+      options.body = JSON.stringify(body);
+    }
     let response;
     try {
       response = await fetch(path, options);
@@ -126,25 +131,61 @@
     const item = element("li");
     item.dataset.id = String(summary.id);
     item.dataset.kind = summary.kind;
-    item.tabIndex = 0;
-    item.title = summary.title;
-    item.appendChild(element("span", "wb-title", summary.title));
-    item.appendChild(element("span", "wb-meta", `#${summary.id} · ${summary.kind} · ${describeTime(summary.created)}`));
-    item.addEventListener("click", () => reopen(summary.id));
-    item.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" || event.key === " ") {
-        event.preventDefault();
-        reopen(summary.id);
-      }
-    });
+    const open = element("button", "wb-open");
+    open.type = "button";
+    open.title = summary.title;
+    open.appendChild(element("span", "wb-title", summary.title));
+    const meta = `#${summary.id} · ${summary.kind} · ${summary.model} · ${describeTime(summary.created)}`;
+    open.appendChild(element("span", "wb-meta", meta));
+    open.addEventListener("click", () => reopen(summary.id));
+    const remove = element("button", "wb-delete", "×");
+    remove.type = "button";
+    remove.title = `Delete experiment #${summary.id}`;
+    remove.setAttribute("aria-label", remove.title);
+    remove.addEventListener("click", () => removeExperiment(summary.id));
+    item.append(open, remove);
     return item;
   }
 
-  async function refreshList() {
-    const summaries = await api("/api/experiments");
-    $("#experiments").replaceChildren(...summaries.map(listItem));
-    $("#experiments-empty").hidden = summaries.length > 0;
+  function listed(summaries) {
+    $("#experiments-more").hidden = summaries.length < PAGE_SIZE;
+    $("#experiments-empty").hidden = $("#experiments").children.length > 0;
     markCurrent($("#results").dataset.experiment);
+  }
+
+  async function refreshList() {
+    const summaries = await api(`/api/experiments?limit=${PAGE_SIZE}`);
+    $("#experiments").replaceChildren(...summaries.map(listItem));
+    listed(summaries);
+  }
+
+  async function showOlder() {
+    const last = $("#experiments li:last-child");
+    if (!last) return refreshList();
+    const page = await api(`/api/experiments?limit=${PAGE_SIZE}&before=${encodeURIComponent(last.dataset.id)}`);
+    $("#experiments").append(...page.map(listItem));
+    listed(page);
+  }
+
+  async function removeExperiment(id) {
+    showError("");
+    const items = [...document.querySelectorAll("#experiments li")];
+    const place = items.findIndex((item) => item.dataset.id === String(id));
+    try {
+      await api(`/api/experiments/${encodeURIComponent(id)}`, undefined, "DELETE");
+      const results = $("#results");
+      if (results.dataset.experiment === String(id)) {
+        results.replaceChildren();
+        delete results.dataset.experiment;
+      }
+      showStatus(`Deleted experiment #${id}.`);
+      await refreshList();
+      // keep the keyboard where it was: on the item that took the deleted one's place
+      const buttons = document.querySelectorAll("#experiments .wb-open");
+      if (buttons.length) buttons[Math.min(Math.max(place, 0), buttons.length - 1)].focus();
+    } catch (error) {
+      fail(error);
+    }
   }
 
   function fillForm(kind, settings) {
@@ -157,14 +198,17 @@
   }
 
   async function reopen(id) {
+    const ticket = ++view;
     showError("");
     try {
       const experiment = await api(`/api/experiments/${encodeURIComponent(id)}`);
+      if (ticket !== view) return; // the user has asked for something newer meanwhile
       fillForm(experiment.kind, experiment.settings);
       showResults(experiment.id, experiment.sections);
-      showStatus(`Experiment #${experiment.id} (${experiment.kind}, saved ${describeTime(experiment.created)}).`);
+      const saved = describeTime(experiment.created);
+      showStatus(`Experiment #${experiment.id} (${experiment.kind} on ${experiment.model}, saved ${saved}).`);
     } catch (error) {
-      fail(error);
+      if (ticket === view) fail(error);
     }
   }
 
@@ -180,32 +224,49 @@
     return body;
   }
 
-  async function run(form, path, body) {
+  // One run from a form: the page is busy until it ends, its error is shown, and its saved
+  // result is shown unless the user opened something else while it ran.
+  async function attempt(what, status, work) {
+    const ticket = ++view;
     showError("");
+    hideProgress();
     setBusy(true);
-    showStatus("Running…");
+    showStatus(status);
     try {
-      const reply = await api(path, body);
-      showResults(reply.experiment, reply.sections);
-      showStatus(`Saved as experiment #${reply.experiment}.`);
+      const reply = await work(ticket);
+      if (ticket === view) {
+        showResults(reply.experiment, reply.sections);
+        showStatus(`Saved as experiment #${reply.experiment}.`);
+      } else {
+        showStatus(`${what} finished: experiment #${reply.experiment}`);
+      }
       await refreshList();
     } catch (error) {
-      showStatus("");
+      if (ticket === view) showStatus("");
       fail(error);
     } finally {
       setBusy(false);
     }
   }
 
+  function run(what, path, body) {
+    return attempt(what, "Running…", () => api(path, body));
+  }
+
   function onPrompt(event) {
     event.preventDefault();
     const form = event.currentTarget;
-    run(form, "/api/prompt", read(form, ["prompt", "answer", "wrong"], ["answer", "wrong"]));
+    run("prompt", "/api/prompt", read(form, ["prompt", "answer", "wrong"], ["answer", "wrong"]));
   }
 
   function onActivation(event) {
     event.preventDefault();
     const form = event.currentTarget;
+    if (form.elements.namedItem("index").validity.badInput) {
+      showStatus("");
+      showError("index must be a whole number"); // the browser hides what was typed: value is ""
+      return;
+    }
     const body = read(form, ["prompt", "hook", "index"], ["index"]);
     if (body.index !== undefined) {
       const index = Number(body.index);
@@ -215,10 +276,19 @@
       }
       body.index = index;
     }
-    run(form, "/api/activation", body);
+    run("activation", "/api/activation", body);
   }
 
   // ------------------------------------------------------------------ patching jobs
+
+  function hideProgress() {
+    const bar = $("#progress");
+    bar.hidden = true;
+    delete bar.dataset.state;
+    bar.setAttribute("aria-valuenow", "0");
+    bar.querySelector(".wb-progress-bar").style.width = "0%";
+    bar.querySelector(".wb-progress-text").textContent = "";
+  }
 
   function showProgress(state, fraction) {
     const bar = $("#progress");
@@ -242,27 +312,16 @@
     }
   }
 
-  async function onPatching(event) {
+  function onPatching(event) {
     event.preventDefault();
     const form = event.currentTarget;
     const body = read(form, ["clean", "corrupted", "answer", "wrong", "hook"], []);
-    showError("");
-    setBusy(true);
-    showStatus("Checking the prompts…");
-    try {
+    attempt("patching", "Checking the prompts…", async (ticket) => {
       const { job } = await api("/api/patching", body);
       showProgress("queued", 0);
-      showStatus("Patching…");
-      const done = await follow(job);
-      showResults(done.experiment, done.sections);
-      showStatus(`Saved as experiment #${done.experiment}.`);
-      await refreshList();
-    } catch (error) {
-      showStatus("");
-      fail(error);
-    } finally {
-      setBusy(false);
-    }
+      if (ticket === view) showStatus("Patching…");
+      return follow(job);
+    });
   }
 
   // ------------------------------------------------------------------ start
@@ -292,6 +351,7 @@
     $("#prompt-form").addEventListener("submit", onPrompt);
     $("#activation-form").addEventListener("submit", onActivation);
     $("#patching-form").addEventListener("submit", onPatching);
+    $("#experiments-more").addEventListener("click", () => showOlder().catch(fail));
     try {
       describeModel(await api("/api/model"));
       await refreshList();
