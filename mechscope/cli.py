@@ -241,16 +241,22 @@ def report(
 ) -> None:
     """Write a self-contained HTML report on one prompt: predictions, attention, logit lens,
     attribution, head detectors, and patching when a corrupted prompt is given."""
+    from tqdm.auto import tqdm
+
     from mechscope.viz.report import report as write
 
-    loaded = load_transformer(model, "a prompt", "mechscope.viz.report(model, token_ids, out, labels=...)")
+    loaded = load_transformer(model, "a prompt", "mechscope.viz.report.report(model, token_ids, out, labels=...)")
     start = time.perf_counter()
-    try:
-        path = write(
-            loaded, prompt, out, answer=answer, wrong=wrong, corrupted=corrupted, title=model, max_tokens=max_tokens
-        )
-    except (ValueError, KeyError) as error:
-        fail(error)
+    with tqdm(total=100, desc="patching", unit="%", disable=corrupted is None, leave=False) as bar:
+
+        def advance(fraction: float) -> None:
+            bar.update(round(100 * fraction) - bar.n)
+
+        try:
+            options = dict(answer=answer, wrong=wrong, corrupted=corrupted, max_tokens=max_tokens, progress=advance)
+            path = write(loaded, prompt, out, title=model, **options)
+        except (ValueError, KeyError) as error:
+            fail(error)
     typer.echo(f"wrote {path} in {time.perf_counter() - start:.1f} s; open it in a browser: {path.resolve().as_uri()}")
 
 

@@ -37,6 +37,7 @@ def attention_patterns(
     *,
     layers: Iterable[SupportsIndex] | None = None,
     title: str = "Attention patterns",
+    first_position: int = 0,
 ) -> Widget:
     """Every head's pattern over ``tokens``; ``layers`` names the layers of ``pattern``'s first axis
     (default 0, 1, ...; a ``[head, query, key]`` pattern is one layer, by default layer 0), as any
@@ -45,8 +46,12 @@ def attention_patterns(
     ``data["patterns"][layer][head][query]`` lists that query's weights over keys, rounded to 4
     decimal places (None where not finite). If the pattern is causal (every weight above the
     diagonal exactly 0), ``data["triangular"]`` is True and row ``query`` holds keys ``0..query``
-    only; otherwise it is False and every row holds all keys."""
+    only; otherwise it is False and every row holds all keys. ``first_position`` is the prompt
+    position of ``tokens[0]`` when they are a prompt's last tokens, so tooltips number tokens as
+    the rest of a page does."""
     tokens = strings(tokens, "tokens")
+    if operator.index(first_position) < 0:
+        raise VizError(f"first_position must be a position (>= 0), got {first_position}")
     values = as_tensor(pattern, "pattern")
     if values.ndim == 3:
         values = values[None]
@@ -71,6 +76,7 @@ def attention_patterns(
             "layers": layer_labels(layers, n_layers),
             "heads": n_heads,
             "triangular": triangular,
+            "first_position": operator.index(first_position),
             "patterns": weights(values, triangular=triangular),
         },
     )

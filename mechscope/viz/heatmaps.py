@@ -90,14 +90,29 @@ def patching_heatmap(
     metric: str = "metric",
     x_label: str = "position",
     y_label: str = "layer",
+    limit: float | None = None,
 ) -> Widget:
-    """A patching or ablation sweep on a diverging scale symmetric around 0 (rows default L0, L1, ...)."""
+    """A patching or ablation sweep on a diverging scale symmetric around 0 (rows default L0, L1, ...).
+
+    ``limit`` fixes the scale at ±limit (default: the largest magnitude), so that two maps meant to
+    be compared, such as exact patching and its attribution estimate, share one colour scale."""
     grid = as_tensor(values, "values")
     if grid.ndim != 2:
         raise VizError(f"values must be [layer, pos] or [layer, head], got shape {list(grid.shape)}")
+    if limit is not None and not limit > 0:
+        raise VizError(f"limit must be a positive number, got {limit}")
     rows = [f"L{layer}" for layer in range(grid.shape[0])] if rows is None else rows
+    bounds = {} if limit is None else {"zmin": -float(limit), "zmax": float(limit)}
     return heatmap(
-        grid, rows=rows, cols=cols, title=title, x_label=x_label, y_label=y_label, value_label=metric, scale="diverging"
+        grid,
+        rows=rows,
+        cols=cols,
+        title=title,
+        x_label=x_label,
+        y_label=y_label,
+        value_label=metric,
+        scale="diverging",
+        **bounds,
     )
 
 

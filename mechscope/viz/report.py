@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechscope.viz.figures import figure_html, write_plotly_js
+from mechscope.viz.figures import figure_html, plotly_script, write_plotly_js
 from mechscope.viz.html import escape, page
 from mechscope.viz.sections import Section, patching_sections, prompt_sections
 
@@ -61,11 +61,13 @@ def report(
     title: str | None = None,
     labels: Sequence[str] | None = None,
     max_tokens: int | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Path:
     """Write the standard report on ``prompt`` to ``out/index.html`` and return its path.
 
     With ``corrupted`` (and ``answer`` and ``wrong``, which the patching metric compares), it
-    adds activation- and attribution-patching heatmaps of clean into corrupted.
+    adds activation- and attribution-patching heatmaps of clean into corrupted; ``progress`` is
+    then called with the fraction of the patching done.
     """
     chapter = Chapter(title or "Report", f"Prompt: {prompt!r}" if isinstance(prompt, str) else "")
     chapter.sections = prompt_sections(model, prompt, answer=answer, wrong=wrong, labels=labels, max_tokens=max_tokens)
@@ -74,7 +76,14 @@ def report(
             raise ValueError("patching compares logit(answer) − logit(wrong): give both answer and wrong")
         chapter.intro += f" Corrupted: {corrupted!r}." if isinstance(corrupted, str) else ""
         chapter.sections += patching_sections(
-            model, prompt, corrupted, answer=answer, wrong=wrong, labels=labels, max_tokens=max_tokens
+            model,
+            prompt,
+            corrupted,
+            answer=answer,
+            wrong=wrong,
+            labels=labels,
+            max_tokens=max_tokens,
+            progress=progress,
         )
     return write_report(out, [chapter], title=title or "mechscope report", intro=describe(model))
 
@@ -95,7 +104,7 @@ def write_report(out: str | Path, chapters: Sequence[Chapter], *, title: str, in
     has_figures = any(section.figures for chapter in chapters for section in chapter.sections)
     if has_figures:
         write_plotly_js(out / ASSETS)
-    head = STYLE + (f'<script src="{PLOTLY_JS}"></script>' if has_figures else "")
+    head = STYLE + (plotly_script(PLOTLY_JS) if has_figures else "")
     body = header(title, intro, chapters) + "".join(chapter_html(c, i) for i, c in enumerate(chapters))
     path = out / "index.html"
     write_atomically(path, page(title, f'<main class="ms-report">{body}</main>', head=head))

@@ -36,6 +36,7 @@ from mechscope.viz.tables import attribution_bars, top_k_table
 from mechscope.viz.tokens import colored_tokens
 
 TOP_K = 5
+SAME_ANSWER = "the answer and the wrong answer are the same token; the metric compares two different ones"
 MOST_BARS = 40  # a per-head attribution of a large model has hundreds of bars; show the largest
 
 
@@ -78,6 +79,8 @@ def prompt_sections(
     seen = read_prompt(model, prompt, max_tokens=max_tokens, labels=labels)
     answer_id = None if answer is None else single_token(model, answer, "answer")
     wrong_id = None if wrong is None else single_token(model, wrong, "wrong answer")
+    if wrong_id is not None and wrong_id == answer_id:
+        raise InputError(SAME_ANSWER)
     keep = min(seen.length, attention_token_budget(model.cfg.n_layers, model.cfg.n_heads))
     logits, patterns = run_keeping_attention(model, seen.ids, keep)
     if answer_id is None:  # attribute the model's own top prediction
@@ -137,7 +140,7 @@ def attention_section(seen: Prompt, patterns: Tensor) -> Section:
         "One square per head (rows: layers), queries down and keys across. Hover a token to see where it "
         "attends (blue, earlier tokens) and what attends to it (orange, later tokens); click a head to select it."
         + cut,
-        [attention_patterns(seen.labels[-keep:], patterns)],
+        [attention_patterns(seen.labels[-keep:], patterns, first_position=seen.length - keep)],
     )
 
 
@@ -177,7 +180,13 @@ def attribution_section(model: Any, seen: Prompt, answer_id: int, wrong_id: int 
     except AttributionError:  # post-norm models have no per-head split of the final norm
         attribution = direct_logit_attribution(model, seen.ids, answer_id, wrong_id, by="component")
     widgets = [
-        attribution_bars(attribution, batch=0, top=MOST_BARS, title=f"Direct logit attribution of {target}"),
+        attribution_bars(
+            attribution,
+            batch=0,
+            top=MOST_BARS,
+            title=f"Direct logit attribution of {target}",
+            value_label="logit" if wrong_id is None else "logit difference",
+        ),
     ]
     if attribution.by == "head":
         grid = attribution.heads()[..., 0]
@@ -278,7 +287,7 @@ def activation_section(
         )
     flat = activation.reshape(seen.length, -1).float()
     if index is None:
-        values, label = flat.norm(dim=-1), "norm"
+        values, label = flat.norm(dim=-1), " norm"
     elif not 0 <= index < flat.shape[1]:
         raise InputError(
             f"index {index} is out of range: {hook} has {flat.shape[1]} values per position (0..{flat.shape[1] - 1})"
@@ -289,7 +298,7 @@ def activation_section(
         "activation",
         f"{hook}{label if index is not None else ' (norm)'}",
         "Each token coloured by this activation's value there; hover a token for the number.",
-        [colored_tokens(seen.labels, values, label=f"{hook}{label}", title=f"{hook} {label}")],
+        [colored_tokens(seen.labels, values, label=f"{hook}{label}", title=f"{hook}{label}")],
     )
 
 
@@ -319,17 +328,20 @@ def patching_sections(
     same_length(seen, other)
     answer_id, wrong_id = single_token(model, answer, "answer"), single_token(model, wrong, "wrong answer")
     if answer_id == wrong_id:
-        raise InputError("the answer and the wrong answer are the same token; the metric compares two different ones")
+        raise InputError(SAME_ANSWER)
     base = LogitDiff(answer=answer_id, wrong=wrong_id)
     with torch.inference_mode():
         clean_logits, corrupted_logits = model(seen.ids), model(other.ids)
     try:
         metric = normalised(base, clean_logits, corrupted_logits)
     except MetricError:
+        metric = None
+    if metric is None or indistinct(metric.clean, metric.corrupted):
         raise InputError(
-            "the clean and corrupted prompts give the same logit difference, so there is nothing to "
-            "restore; change the corrupted prompt"
-        ) from None
+            "the clean and corrupted prompts give the same logit difference (to within "
+            f"{RESOLUTION:g} of its size), so there is nothing to restore and normalising by the gap would "
+            "magnify noise; change the corrupted prompt"
+        )
     steps = Progress(progress, [model.cfg.n_layers * seen.length, model.cfg.n_layers * model.cfg.n_heads])
     try:
         resid = resid_sweep(model, seen.ids, other.ids, metric, hook, progress=steps.part(0))
@@ -338,6 +350,7 @@ def patching_sections(
         heads_estimate = head_attribution(model, seen.ids, other.ids, metric, "z")
     except PatchingError as error:
         raise InputError(str(error)) from None
+    resid_limit, heads_limit = scale_of(resid, resid_estimate), scale_of(heads, heads_estimate)
     scale = f"normalised logit difference ({metric.clean:.2f} clean, {metric.corrupted:.2f} corrupted)"
     columns = list(seen.labels)
     head_columns = head_labels(heads)
@@ -348,9 +361,16 @@ def patching_sections(
             "Each cell runs the corrupted prompt with one activation copied from the clean run: 1 means that "
             "activation alone restores the clean answer, 0 that it does nothing.",
             [
-                patching_heatmap(resid, cols=columns, title=f"{hook}, layer × position", metric=scale),
                 patching_heatmap(
-                    heads, cols=head_columns, title="Head outputs (z), all positions", metric=scale, x_label="head"
+                    resid, cols=columns, title=f"{hook}, layer × position", metric=scale, limit=resid_limit
+                ),
+                patching_heatmap(
+                    heads,
+                    cols=head_columns,
+                    title="Head outputs (z), all positions",
+                    metric=scale,
+                    x_label="head",
+                    limit=heads_limit,
                 ),
             ],
             facts=[
@@ -366,23 +386,52 @@ def patching_sections(
             "usually close, but misses effects that pass through a saturated softmax.",
             [
                 patching_heatmap(
-                    resid_estimate, cols=columns, title=f"{hook}, layer × position (estimate)", metric=scale
+                    resid_estimate,
+                    cols=columns,
+                    title=f"{hook}, layer × position (estimate)",
+                    metric=scale,
+                    limit=resid_limit,
                 ),
                 patching_heatmap(
-                    heads_estimate, cols=head_columns, title="Head outputs (estimate)", metric=scale, x_label="head"
+                    heads_estimate,
+                    cols=head_columns,
+                    title="Head outputs (estimate)",
+                    metric=scale,
+                    x_label="head",
+                    limit=heads_limit,
                 ),
             ],
             facts=[
                 f"Correlation with exact patching: {correlation(resid, resid_estimate):.3f} ({hook}), "
-                f"{correlation(heads, heads_estimate):.3f} (heads)."
+                f"{correlation(heads, heads_estimate):.3f} (heads).",
+                f"Largest gap between estimate and exact value: {gap(resid, resid_estimate):.3f} ({hook}), "
+                f"{gap(heads, heads_estimate):.3f} (heads); each estimate shares its exact map's colour scale.",
             ],
         ),
     ]
 
 
+RESOLUTION = 1e-3  # the smallest clean-corrupted gap, relative to the values, worth normalising by
+
+
+def indistinct(clean: float, corrupted: float) -> bool:
+    """Whether two metric values are too close for (x − corrupted) / (clean − corrupted) to mean anything."""
+    return abs(clean - corrupted) < RESOLUTION * max(1.0, abs(clean), abs(corrupted))
+
+
 def strongest(values: Tensor, what: str) -> str:
     layer, other = divmod(int(values.abs().argmax()), values.shape[1])
     return f"The strongest single {what} is L{layer}H{other}: {float(values[layer, other]):.3f}."
+
+
+def scale_of(*maps: Tensor) -> float | None:
+    """One symmetric colour limit for maps to be compared: the largest magnitude among them."""
+    largest = max(float(m.abs().max()) for m in maps)
+    return largest if largest > 0 and torch.isfinite(torch.tensor(largest)) else None
+
+
+def gap(exact: Tensor, estimate: Tensor) -> float:
+    return float((exact.float() - estimate.float()).abs().max())
 
 
 def correlation(exact: Tensor, estimate: Tensor) -> float:

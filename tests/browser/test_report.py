@@ -56,3 +56,18 @@ def test_token_strings_are_text_never_markup(watched, model, tmp_path):
     assert shown[1] == XSS and shown[2] == labels[2]
     assert page.locator("img").count() == 0
     watched.assert_clean()  # no alert() dialog opened
+
+
+def test_a_cut_attention_view_numbers_tokens_from_where_it_starts(watched, tmp_path):
+    import torch
+
+    from mechscope.viz import attention_patterns, page
+
+    pattern = torch.tril(torch.ones(1, 1, 3, 3)) / torch.arange(1, 4)[:, None]
+    widget = attention_patterns(["a", "b", "c"], pattern, first_position=60)
+    path = tmp_path / "cut.html"
+    path.write_text(page("cut", widget.to_html(bundle=False)), encoding="utf-8")
+    watched.page.goto(path.as_uri())
+    watched.page.locator(".ms-token").nth(2).hover()
+    assert "#62" in watched.page.locator(".ms-tooltip").inner_text()
+    watched.assert_clean()

@@ -90,3 +90,12 @@ def test_a_model_without_a_tokenizer_reports_on_ids(tmp_path):
     html = report(model, ids, tmp_path).read_text(encoding="utf-8")
     tokens = next(w["data"]["tokens"] for w in embedded(html) if w["kind"] == "attention")
     assert tokens == ["#1", "#2", "#3", "#1", "#2", "#3"]
+
+
+def test_a_report_says_how_far_its_patching_has_got(model, tmp_path):
+    clean = torch.tensor([5, 17, 42, 99, 7, 250])
+    corrupted = clean.clone()
+    corrupted[2] = 43
+    fractions = []
+    report(model, clean, tmp_path, answer=11, wrong=12, corrupted=corrupted, progress=fractions.append)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)

@@ -186,6 +186,7 @@ def test_a_long_prompt_shows_attention_among_its_last_tokens(language, monkeypat
     labels = language.to_str_tokens(prompt)
     data = widgets(found[1], "attention")[0].data
     assert data["tokens"] == labels[-5:]
+    assert data["first_position"] == len(labels) - 5  # tooltips number tokens as the rest of the page does
     _, cache = language.run_with_cache(prompt)
     shown = unpack_patterns(data).float()
     assert torch.allclose(shown[2, 1], cache["blocks.2.attn.hook_pattern"][0, 1, -5:, -5:], atol=1e-3)
@@ -211,3 +212,38 @@ def test_the_answer_and_the_wrong_answer_must_differ(language, ioi):
     sample, corrupted = ioi
     with pytest.raises(InputError, match="the answer and the wrong answer are the same token"):
         patching_sections(language, sample.prompt, corrupted, answer=sample.answer, wrong=sample.answer)
+
+
+def test_estimates_share_their_exact_maps_colour_scale(language, ioi):
+    sample, corrupted = ioi
+    found = patching_sections(language, sample.prompt, corrupted, answer=sample.answer, wrong=" " + sample.subject)
+    exact, estimate = found[0].widgets, found[1].widgets
+    for a, b in zip(exact, estimate):
+        assert (a.data["zmin"], a.data["zmax"]) == (b.data["zmin"], b.data["zmax"])
+        largest = max(abs(v) for row in a.data["values"] + b.data["values"] for v in row)
+        assert b.data["zmax"] == pytest.approx(largest, rel=1e-3)
+    assert any(fact.startswith("Largest gap between estimate and exact value") for fact in found[1].facts)
+
+
+def test_runs_too_close_to_normalise_are_named():
+    from mechscope.viz.sections import indistinct
+
+    assert indistinct(0.15290, 0.15257)  # the reviewer's GPT-2-sized case: a 3e-4 gap
+    assert indistinct(1000.0, 1000.5)
+    assert not indistinct(0.857, -4.413)
+    assert not indistinct(0.0, 0.01)
+
+
+@pytest.mark.bad_input
+def test_every_view_refuses_the_same_answer_twice(language):
+    with pytest.raises(InputError, match="the answer and the wrong answer are the same token"):
+        prompt_sections(language, "When Mary and John went to the store, John gave a drink to", answer=" Mary",
+                        wrong=" Mary")  # fmt: skip
+
+
+def test_labels_say_what_is_measured(language, sections):
+    assert widgets(sections[3], "bars")[0].data["value_label"] == "logit difference"
+    alone = prompt_sections(language, "When Mary and John went to the store")[3]
+    assert widgets(alone, "bars")[0].data["value_label"] == "logit"
+    norm = activation_section(language, "Mary went", "blocks.1.hook_resid_post")
+    assert norm.widgets[0].data["label"] == "blocks.1.hook_resid_post norm"

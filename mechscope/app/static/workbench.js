@@ -204,6 +204,7 @@
       const experiment = await api(`/api/experiments/${encodeURIComponent(id)}`);
       if (ticket !== view) return; // the user has asked for something newer meanwhile
       fillForm(experiment.kind, experiment.settings);
+      if (!["queued", "running"].includes($("#progress").dataset.state)) hideProgress(); // an old run's bar
       showResults(experiment.id, experiment.sections);
       const saved = describeTime(experiment.created);
       showStatus(`Experiment #${experiment.id} (${experiment.kind} on ${experiment.model}, saved ${saved}).`);

@@ -233,5 +233,8 @@ def figure(metrics: Sequence[dict[str, Any]], findings: Findings | None = None):
         fig.add_heatmap(z=scores, colorscale="Blues", zmin=0, zmax=1, showscale=True, row=1, col=2)
         fig.update_xaxes(title_text="head", dtick=1, row=1, col=2)
         fig.update_yaxes(title_text="layer", dtick=1, row=1, col=2)
-    fig.update_layout(title="Synthetic language: indirect objects on held-out names, and induction heads")
+    fig.update_layout(
+        title="Synthetic language: indirect objects on held-out names, and induction heads",
+        legend={"orientation": "h", "y": -0.2},  # below the plot, clear of the heatmap's colour bar
+    )
     return fig

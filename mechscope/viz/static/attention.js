@@ -72,6 +72,7 @@ function drawHead(canvas, bitmap, focus) {
 
 function renderAttention(root, data) {
   const tokens = data.tokens;
+  const offset = data.first_position || 0; // the prompt position of tokens[0], when they are its last tokens
   const patterns = fullPatterns(data);
   const state = { layer: 0, head: 0, focus: null };
   const tip = tooltip(root);
@@ -187,12 +188,12 @@ function renderAttention(root, data) {
     return seen
       .sort(function (a, b) { return b.w - a.w; })
       .slice(0, 3)
-      .map(function (e) { return '  #' + e.k + ' ' + quoted(tokens[e.k]) + ': ' + e.w; })
+      .map(function (e) { return '  #' + (e.k + offset) + ' ' + quoted(tokens[e.k]) + ': ' + e.w; })
       .join('\n');
   }
 
   function tokenText(i) {
-    return headName() + ' \u00b7 #' + i + ' ' + quoted(tokens[i]) + ' attends most to\n' + strongest(i);
+    return headName() + ' \u00b7 #' + (i + offset) + ' ' + quoted(tokens[i]) + ' attends most to\n' + strongest(i);
   }
 
   text.addEventListener('mouseover', function (event) {
@@ -216,7 +217,7 @@ function renderAttention(root, data) {
     if (q !== state.focus) {
       focus(q);
     }
-    tip.show(headName() + '\nquery #' + q + ' ' + quoted(tokens[q]) + ' \u2192 key #' + k + ' ' +
+    tip.show(headName() + '\nquery #' + (q + offset) + ' ' + quoted(tokens[q]) + ' \u2192 key #' + (k + offset) + ' ' +
       quoted(tokens[k]) + ': ' + num(matrix()[q][k]), event);
   });
   view.addEventListener('mouseleave', function () {
