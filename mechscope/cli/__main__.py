@@ -1,0 +1,5 @@
+"""``python -m mechscope.cli``: the same command as ``mechscope``."""
+
+from mechscope.cli import main
+
+main()
