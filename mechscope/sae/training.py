@@ -1,0 +1,450 @@
+"""Training an SAE on a stream of activations, resumable after a kill.
+
+One step: take a batch, compute the SAE's losses (the sparsity term scaled by its warmup, AuxK
+told which latents are dead), remove the decoder gradient's component along each decoder row
+(Bricken et al. 2023: it could only change the row's norm, which is renormalised away anyway),
+clip, take an Adam step at the scheduled learning rate, renormalise the decoder rows. ReLU SAEs
+weight their L1 by decoder norms instead, so they skip both decoder steps.
+
+A run folder holds ``run.json`` (the SAE and training settings), ``metrics.jsonl``, the
+resumable ``checkpoint.safetensors`` (weights, Adam moments, step, tokens since each latent
+fired, RNG, the data stream's position) and, when done, the SAE in SAELens' format
+(``cfg.json`` + ``sae_weights.safetensors``). ``resume=True`` continues a killed run exactly
+where the uninterrupted one would have been.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechscope.sae.base import SAE, Losses, SAEError
+from mechscope.toys import checkpoint as ckpt
+
+Decay = Literal["none", "cosine", "linear"]
+Batch = Tensor | tuple[Tensor, Tensor]
+Callback = Callable[[int, SAE, dict[str, Any]], None]
+NORMALISED = ("topk", "batchtopk", "jumprelu")  # architectures trained with unit-norm decoder rows
+DECAYS = ("none", "cosine", "linear")
+
+
+@dataclass
+class TrainSAEConfig:
+    """How to train an SAE; steps = total_tokens // batch_tokens."""
+
+    total_tokens: int = 1_000_000
+    batch_tokens: int = 4096
+    lr: float = 3e-4
+    lr_warmup_steps: int = 0
+    lr_decay: Decay = "none"
+    lr_decay_steps: int = 0  # the decay happens over the last lr_decay_steps steps, down to lr * lr_end_fraction
+    lr_end_fraction: float = 0.0
+    betas: Sequence[float] = (0.9, 0.999)  # stored as a tuple; JSON gives a list
+    sparsity_warmup_steps: int = 0  # the sparsity coefficient ramps linearly from 0 over these steps
+    clip_grad_norm: float | None = 1.0
+    dead_after_tokens: int = 1_000_000  # a latent is dead once it has not fired for this many tokens
+    dense_threshold: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    seed: int = 0
+    autocast: bool = False  # bf16 autocast, on CUDA only
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
+        for name, (ok, what) in LIMITS.items():
+            if not ok(getattr(self, name)):
+                raise SAEError(f"TrainSAEConfig.{name} must be {what}, got {getattr(self, name)!r}")
+        _check_together(self)
+
+    @property
+    def steps(self) -> int:
+        """Number of optimiser steps in the run."""
+        return self.total_tokens // self.batch_tokens
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier for the update made at ``step`` (0-based)."""
+        if step < self.lr_warmup_steps:
+            return (step + 1) / self.lr_warmup_steps
+        decay_start = self.steps - self.lr_decay_steps
+        if self.lr_decay == "none" or step < decay_start:
+            return 1.0
+        progress = (step - decay_start) / self.lr_decay_steps  # in [0, 1)
+        shape = 1 - progress if self.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr_end_fraction + (1 - self.lr_end_fraction) * shape
+
+    def sparsity_scale(self, step: int) -> float:
+        """Multiplier of the sparsity term at ``step``: 0 at the first step, 1 from ``sparsity_warmup_steps`` on."""
+        if step >= self.sparsity_warmup_steps:
+            return 1.0
+        return step / self.sparsity_warmup_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_POSITIVE = (lambda v: _is_int(v, 1), "a positive integer")
+_NON_NEGATIVE = (lambda v: _is_int(v, 0), "a non-negative integer")
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {  # field: (test, what it must be)
+    **dict.fromkeys(("total_tokens", "batch_tokens", "dead_after_tokens", "log_every", "checkpoint_every"), _POSITIVE),
+    **dict.fromkeys(("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "seed"), _NON_NEGATIVE),
+    "lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "lr_decay": (lambda v: v in DECAYS, f"one of {DECAYS}"),
+    "lr_end_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "betas": (
+        lambda v: isinstance(v, tuple) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1)",
+    ),
+    "clip_grad_norm": (lambda v: v is None or (_is_number(v) and v > 0), "a positive number or None"),
+    "dense_threshold": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "autocast": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def _check_together(cfg: TrainSAEConfig) -> None:
+    """Limits that involve two fields."""
+    if cfg.batch_tokens > cfg.total_tokens:
+        raise SAEError(f"TrainSAEConfig.batch_tokens={cfg.batch_tokens} exceeds total_tokens={cfg.total_tokens}")
+    if cfg.lr_decay != "none" and cfg.lr_decay_steps < 1:
+        raise SAEError(f"TrainSAEConfig.lr_decay_steps must be at least 1 with lr_decay={cfg.lr_decay!r}")
+    if cfg.lr_warmup_steps + cfg.lr_decay_steps > cfg.steps:
+        raise SAEError(
+            f"TrainSAEConfig.lr_warmup_steps + lr_decay_steps = {cfg.lr_warmup_steps + cfg.lr_decay_steps} "
+            f"exceeds the run's {cfg.steps} steps (total_tokens // batch_tokens)"
+        )
+
+
+# ------------------------------------------------------------------------------ data
+class BatchStream:
+    """One interface over the sources a run can read, each resumable at a step.
+
+    - an ``ActivationStore`` (anything with ``next_batch``, ``state_dict``, ``load_state_dict``):
+      its own state is checkpointed;
+    - a callable ``step -> batch``: stateless, so resuming simply asks for the next step;
+    - a tensor ``[n, d_in]``: consecutive ``batch_tokens``-row slices, cycling;
+    - any other iterable of batches: on resume a fresh one is fast-forwarded by the steps done,
+      so it must yield the same batches again (a list, or a generator rebuilt from a seed).
+
+    A batch is ``x [batch, d_in]``, or ``(x, y)`` for a transcoder.
+    """
+
+    def __init__(self, source: Any, batch_tokens: int) -> None:
+        self.source = source
+        self.batch_tokens = batch_tokens
+        self.is_store = all(hasattr(source, a) for a in ("next_batch", "state_dict", "load_state_dict"))
+        self.iterator: Iterator[Batch] | None = None
+        if isinstance(source, Tensor):
+            if source.ndim != 2 or len(source) < batch_tokens:
+                raise SAEError(
+                    f"a tensor of activations must be [n >= batch_tokens={batch_tokens}, d_in], "
+                    f"got {tuple(source.shape)}"
+                )
+        elif not (self.is_store or callable(source) or isinstance(source, Iterable)):
+            raise SAEError(
+                "store_or_batches must be an ActivationStore, a callable step -> batch, a tensor [n, d_in] "
+                f"or an iterable of batches, got {type(source).__name__}"
+            )
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """The batch for ``step`` as ``(x, target)``; target is None unless the source gives pairs."""
+        if self.is_store:
+            batch = self.source.next_batch()
+        elif isinstance(self.source, Tensor):
+            start = step % (len(self.source) // self.batch_tokens) * self.batch_tokens
+            batch = self.source[start : start + self.batch_tokens]
+        elif callable(self.source):
+            batch = self.source(step)
+        else:
+            batch = self._next(step)
+        return self._checked(batch, step)
+
+    def _next(self, step: int) -> Batch:
+        if self.iterator is None:
+            self.iterator = iter(self.source)
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            raise SAEError(f"store_or_batches ran out of batches at step {step}; the config asks for more") from None
+
+    def _checked(self, batch: Batch, step: int) -> tuple[Tensor, Tensor | None]:
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if not isinstance(x, Tensor) or x.ndim != 2 or len(x) != self.batch_tokens:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise SAEError(f"batch {step} must be [batch_tokens={self.batch_tokens}, d_in], got {shape}")
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict() if self.is_store else {}
+
+    def resume(self, state: dict[str, Any], step: int) -> None:
+        """Continue after ``step`` batches: restore a store, or skip through a plain iterable."""
+        if self.is_store:
+            self.source.load_state_dict(state)
+        elif not isinstance(self.source, Tensor) and not callable(self.source):
+            for done in range(step):
+                self._next(done)
+
+
+# ------------------------------------------------------------------------------ state beyond weights
+@dataclass
+class LatentTracker:
+    """Tokens since each latent last fired: the dead mask for AuxK, and the dead fraction."""
+
+    tokens_since_fired: Int[Tensor, " d_sae"]
+    dead_after_tokens: int
+
+    @classmethod
+    def fresh(cls, d_sae: int, dead_after_tokens: int, device: torch.device) -> LatentTracker:
+        return cls(torch.zeros(d_sae, dtype=torch.long, device=device), dead_after_tokens)
+
+    def dead_mask(self) -> Bool[Tensor, " d_sae"]:
+        return self.tokens_since_fired >= self.dead_after_tokens
+
+    def update(self, fired: Bool[Tensor, " d_sae"], n_tokens: int) -> None:
+        """Count ``n_tokens`` more for latents that stayed silent; reset those that fired."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+
+@torch.no_grad()
+def firing_fraction(sae: SAE, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, " d_sae"]:
+    """Fraction of the examples of ``x`` on which each latent is active (from the sparse latents)."""
+    sparse = sae.encode_sparse(x)
+    counts = torch.zeros(sae.cfg.d_sae, device=x.device)
+    counts.index_add_(0, sparse.indices.flatten(), (sparse.values != 0).flatten().to(counts.dtype))
+    return counts / len(x)
+
+
+# ------------------------------------------------------------------------------ the loop
+def train_sae(
+    sae: SAE,
+    store_or_batches: Any,
+    config: TrainSAEConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    until: int | None = None,
+    command: str | None = None,
+) -> SAE:
+    """Train ``sae`` in place on ``store_or_batches`` (see :class:`BatchStream`) and return it.
+
+    The run is written to ``out``; ``resume=True`` continues the run there (refusing other
+    settings, named in the error); ``until`` pauses after that many steps (checkpointed).
+    Each callback gets ``(step, sae, metrics entry)`` at every logged step.
+    """
+    if not isinstance(config, TrainSAEConfig):
+        raise SAEError(f"config must be a TrainSAEConfig, got {type(config).__name__}")
+    directory = Path(out)
+    device = sae.W_dec.device
+    stream = BatchStream(store_or_batches, config.batch_tokens)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
+    tracker = LatentTracker.fresh(sae.cfg.d_sae, config.dead_after_tokens, device)
+    start, metrics = prepare_run(directory, run_record(sae, config, command), resume, sae, optimizer, tracker, stream)
+    end = config.steps if until is None else max(start, min(until, config.steps))
+
+    sae.train()
+    bar = tqdm(total=config.steps, initial=start, desc=f"train {sae.cfg.architecture} SAE", disable=not progress)
+    for step in range(start, end):
+        x, target = stream.batch(step)
+        x, target = x.to(device), None if target is None else target.to(device)
+        done = step + 1
+        logged = done % config.log_every == 0 or done == config.steps
+        firing = firing_fraction(sae, x) if logged else None  # measured with the weights the loss sees
+        losses = training_step(sae, optimizer, config, step, x, target, tracker.dead_mask())
+        tracker.update(losses.fired, len(x))
+        if firing is not None:
+            entry = log_entry(config, done, target if target is not None else x, losses, optimizer)
+            entry["dead_frac"] = tracker.dead_mask().float().mean().item()
+            entry["dense_frac"] = (firing > config.dense_threshold).float().mean().item()
+            metrics.append(entry)
+            bar.set_postfix(mse=f"{entry['mse']:.4g}", l0=f"{entry['l0']:.1f}")
+            with open(directory / ckpt.METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            for callback in callbacks:
+                callback(done, sae, entry)
+        if done % config.checkpoint_every == 0 or done == end:
+            save_state(directory, done, sae, optimizer, tracker, stream)
+        bar.update(1)
+    bar.close()
+
+    sae.eval()
+    if end == config.steps:
+        sae.save(directory)
+        final = {
+            **run_record(sae, config, command),
+            "steps_done": config.steps,
+            "final": metrics[-1] if metrics else {},
+        }
+        ckpt.atomic_write_text(directory / ckpt.RUN_FILE, json.dumps(final, indent=2))
+    return sae
+
+
+def training_step(
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    config: TrainSAEConfig,
+    step: int,
+    x: Float[Tensor, "batch d_in"],
+    target: Float[Tensor, "batch d_out"] | None,
+    dead_mask: Bool[Tensor, " d_sae"],
+) -> Losses:
+    """One optimiser update at ``step``; returns the batch's loss terms (before the update)."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * config.lr_factor(step)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast and x.is_cuda):
+        losses = sae.losses(x, target, dead_mask=dead_mask)
+        loss = losses.mse + config.sparsity_scale(step) * losses.sparsity + losses.aux
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    normalised = sae.cfg.architecture in NORMALISED
+    if normalised:
+        remove_parallel_gradient(sae.W_dec)
+    if config.clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(sae.parameters(), config.clip_grad_norm)
+    optimizer.step()
+    if normalised:
+        sae.normalize_decoder()
+    return losses
+
+
+@torch.no_grad()
+def remove_parallel_gradient(W_dec: nn.Parameter) -> None:
+    """Project each decoder row's gradient onto the row's orthogonal complement (it keeps unit norm to first order)."""
+    if W_dec.grad is None:
+        return
+    rows = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    W_dec.grad.sub_((W_dec.grad * rows).sum(-1, keepdim=True) * rows)
+
+
+@torch.no_grad()
+def log_entry(
+    config: TrainSAEConfig,
+    done: int,
+    target: Float[Tensor, "batch d_out"],
+    losses: Losses,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """The loss terms of a logged step (on its batch, before its update); FVU = MSE / the batch's variance."""
+    target = target.float()
+    variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return {
+        "step": done,
+        "tokens": done * config.batch_tokens,
+        "lr": optimizer.param_groups[0]["lr"],
+        "mse": losses.mse.item(),
+        "sparsity": losses.sparsity.item(),
+        "sparsity_scale": config.sparsity_scale(done - 1),
+        "aux": losses.aux.item(),
+        "l0": losses.l0.float().mean().item(),
+        "fvu": (losses.mse.float() * len(target) / variance).item(),
+    }
+
+
+def run_record(sae: SAE, config: TrainSAEConfig, command: str | None) -> dict[str, Any]:
+    """What ``run.json`` says about a run: enough to rebuild the SAE and repeat the run."""
+    from mechscope import __version__
+
+    return {"sae": sae.cfg.to_dict(), "train": config.to_dict(), "command": command, "mechscope": __version__}
+
+
+# ------------------------------------------------------------------------------ the run folder
+def prepare_run(
+    directory: Path,
+    record: dict[str, Any],
+    resume: bool,
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    tracker: LatentTracker,
+    stream: BatchStream,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Start a fresh run in ``directory`` or continue the one there; returns (step, metrics so far)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    run_file = directory / ckpt.RUN_FILE
+    if run_file.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{directory} already holds a run ({ckpt.RUN_FILE}); pass resume=True to continue it, "
+                "or choose another output folder"
+            )
+        check_same_run(json.loads(run_file.read_text(encoding="utf-8")), record, directory)
+        if (directory / ckpt.CHECKPOINT_FILE).exists():
+            step = load_state(directory, sae, optimizer, tracker, stream)
+            return step, ckpt.keep_metrics_until(directory, step)
+    ckpt.atomic_write_text(run_file, json.dumps(record, indent=2))
+    (directory / ckpt.METRICS_FILE).unlink(missing_ok=True)
+    return 0, []
+
+
+def check_same_run(stored: dict[str, Any], wanted: dict[str, Any], directory: Path) -> None:
+    """Resuming with other settings would silently mix two runs; name what differs instead."""
+    differences = [
+        f"{section}.{key}: {stored.get(section, {}).get(key)!r} in the folder, {wanted[section].get(key)!r} now"
+        for section in ("sae", "train")
+        for key in sorted(set(stored.get(section, {})) | set(wanted[section]))
+        if stored.get(section, {}).get(key) != wanted[section].get(key)
+    ]
+    if differences:
+        raise SAEError(f"cannot resume the run in {directory} with different settings: " + "; ".join(differences))
+
+
+def save_state(
+    directory: Path,
+    step: int,
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    tracker: LatentTracker,
+    stream: BatchStream,
+) -> None:
+    """One atomic file with everything a resumed run needs (the layout of the toys' checkpoints, plus more)."""
+    tensors = {f"model/{k}": v for k, v in sae.state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"optim/{index}/{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tensors["latents/tokens_since_fired"] = tracker.tokens_since_fired
+    tensors.update({f"store/{k}": v for k, v in stream.state_dict().items()})  # a store's state is flat tensors
+    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
+    ckpt.atomic_save_tensors(directory / ckpt.CHECKPOINT_FILE, tensors, metadata)
+
+
+def load_state(
+    directory: Path, sae: SAE, optimizer: torch.optim.Optimizer, tracker: LatentTracker, stream: BatchStream
+) -> int:
+    """Restore what ``save_state`` wrote; returns the step to continue from."""
+    tensors, metadata = ckpt.read_tensors(directory / ckpt.CHECKPOINT_FILE)
+    sae.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value  # load_state_dict moves moments to the weights' device
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    tracker.tokens_since_fired.copy_(tensors["latents/tokens_since_fired"])
+    step = int(metadata["step"])
+    stream.resume({k.removeprefix("store/"): v for k, v in tensors.items() if k.startswith("store/")}, step)
+    return step
