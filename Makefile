@@ -38,7 +38,7 @@ test: setup browser
 	$(BIN)/python -m pytest -n 2 -q
 	$(BIN)/python -m pytest -n 2 -q -m "not bad_input and not replay" -p no:cacheprovider \
 		--jaxtyping-packages=mechscope,beartype.beartype tests/model tests/loading tests/toys tests/analysis tests/interventions \
-		tests/viz tests/app
+		tests/sae tests/viz tests/app
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,7 +4,8 @@
 ``mechscope train NAME`` trains a model organism; ``mechscope zoo list | explain NAME`` shows
 the shipped ones; ``mechscope lens train | show MODEL`` trains a tuned lens and prints what
 each layer predicts; ``mechscope report MODEL --prompt ...`` writes an HTML report;
-``mechscope serve [MODEL]`` starts the workbench; ``mechscope demo`` is the main job
+``mechscope serve [MODEL]`` starts the workbench; ``mechscope sae train | eval`` trains and
+measures sparse autoencoders; ``mechscope demo`` is the main job
 (``make demo``): the report on the shipped model organisms.
 """
 
@@ -18,6 +19,7 @@ from typing import Annotated
 import typer
 
 from mechscope.cli.common import describe, fail, load_any_model, load_transformer
+from mechscope.cli.sae import sae_app
 
 app = typer.Typer(help="mechscope: a microscope for transformer language models.", no_args_is_help=True)
 
@@ -106,6 +108,7 @@ def zoo_explain(
 
 lens_app = typer.Typer(help="Logit and tuned lenses: what each layer would predict.", no_args_is_help=True)
 app.add_typer(lens_app, name="lens")
+app.add_typer(sae_app, name="sae")
 
 
 @lens_app.command("train")
