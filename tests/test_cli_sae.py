@@ -39,6 +39,11 @@ def test_train_then_eval(tmp_path):
     assert float(lines["l0"]) == 8
     assert float(lines["fvu"]) == pytest.approx(expected.fvu, rel=1e-4)
     assert float(lines["ce_loss_recovered"]) == pytest.approx(expected.ce_loss_recovered, rel=1e-4)
+    pages = tmp_path / "dashboard"
+    args = ["sae", "dashboard", str(out), "--model", "language", "--top-features", "3", "--sequences", "8"]
+    result = runner.invoke(app, [*args, "--context", "32", "--out", str(pages)])
+    assert result.exit_code == 0, result.output
+    assert (pages / "index.html").exists() and len(list(pages.glob("feature-*.html"))) == 3
 
 
 def test_bad_requests_fail_in_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""``mechscope sae train | eval``: sparse autoencoders on any hook point, from the shell.
+"""``mechscope sae train | eval | dashboard``: sparse autoencoders on any hook point, from the shell.
 
     mechscope sae train --model language --hook blocks.1.hook_resid_post --arch topk --k 32 \\
         --width 4096 --tokens 2000000 --out runs/sae
@@ -13,8 +13,10 @@ from typing import Annotated
 import typer
 
 from mechscope.cli.common import fail, load_transformer
+from mechscope.cli.sae_dashboard import dashboard
 
-sae_app = typer.Typer(help="Train and evaluate sparse autoencoders.", no_args_is_help=True)
+sae_app = typer.Typer(help="Train, evaluate and browse sparse autoencoders.", no_args_is_help=True)
+sae_app.command("dashboard")(dashboard)
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 

@@ -5,6 +5,7 @@ file format."""
 from mechscope.sae.activations import ActivationStore
 from mechscope.sae.base import SAE, Losses, SAEConfig, SAEError, SparseLatents, build_sae
 from mechscope.sae.evaluation import SAEMetrics, evaluate_sae
+from mechscope.sae.features import FeatureStats, feature_statistics
 from mechscope.sae.ground_truth import SyntheticDictionary, latent_alignment, match_features
 from mechscope.sae.jumprelu import JumpReLUSAE
 from mechscope.sae.relu import ReLUSAE
@@ -26,6 +27,7 @@ __all__ = [
     "ActivationStore",
     "BatchTopKSAE",
     "BatchTopKTranscoder",
+    "FeatureStats",
     "JumpReLUSAE",
     "JumpReLUTranscoder",
     "Losses",
@@ -43,6 +45,7 @@ __all__ = [
     "Transcoder",
     "build_sae",
     "evaluate_sae",
+    "feature_statistics",
     "latent_alignment",
     "load_saelens",
     "match_features",
