@@ -3,6 +3,7 @@
     mechscope sae train --model language --hook blocks.1.hook_resid_post --arch topk --k 32 \\
         --width 4096 --tokens 2000000 --out runs/sae
     mechscope sae eval runs/sae --model language
+    torchrun --nproc_per_node 2 -m mechscope.cli sae train --distributed ...   # data-parallel
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="cache activations here and train from the cache")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in OUT after an interruption")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    distributed: Annotated[
+        bool, typer.Option(help="data-parallel across torchrun's processes (NCCL on GPUs, gloo on CPU)")
+    ] = False,
 ) -> None:
     """Train an SAE (or a transcoder) on one hook point; saved in OUT in the SAELens format."""
-    from mechscope.sae import ActivationStore, SAEConfig, TrainSAEConfig, build_sae, token_source, train_sae
+    from mechscope.sae import SAEConfig, TrainSAEConfig, build_sae, train_sae
+    from mechscope.sae.distributed import close_distributed, init_distributed, is_main, rank_store
 
     loaded = load_transformer(model, "training text", "mechscope.sae.train_sae(sae, store, config, out)")
     try:
+        device = init_distributed() if distributed else None
+        if device is not None:
+            loaded = loaded.to(device)
         layer = hook_layer(loaded, hook, output_hook)
         cfg = SAEConfig(
             d_in=width_of(loaded, hook),
@@ -62,11 +70,11 @@ def train(
             model_name=model,
             apply_b_dec_to_input=output_hook is None,
         )
-        source = token_source(data, tokenizer=loaded.tokenizer, seq_len=context, seed=seed)
-        store = ActivationStore(
+        # each process streams its own share of the rows; with one process this is the plain store
+        store = rank_store(
             loaded,
             hook,
-            source,
+            data,
             batch_tokens=batch_tokens,
             context=context,
             seed=seed,
@@ -74,10 +82,15 @@ def train(
             cache_dir=cache_dir,
         )
         config = TrainSAEConfig(total_tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed)
-        train_sae(build_sae(cfg, seed=seed), store, config, out, resume=resume, progress=progress)
+        sae = build_sae(cfg, seed=seed, device=device)
+        main = is_main()  # asked before the process group closes
+        train_sae(sae, store, config, out, resume=resume, progress=progress and main)
     except (ValueError, KeyError, FileNotFoundError) as error:
         fail(error)
-    typer.echo(f"saved the SAE (SAELens format) in {out}")
+    finally:
+        close_distributed()
+    if main:
+        typer.echo(f"saved the SAE (SAELens format) in {out}")
 
 
 @sae_app.command("eval")

@@ -11,6 +11,10 @@ resumable ``checkpoint.safetensors`` (weights, Adam moments, step, tokens since 
 fired, RNG, the data stream's position) and, when done, the SAE in SAELens' format
 (``cfg.json`` + ``sae_weights.safetensors``). ``resume=True`` continues a killed run exactly
 where the uninterrupted one would have been.
+
+Under ``torchrun`` (see :mod:`mechscope.sae.distributed`) the same loop is data-parallel:
+``batch_tokens`` is the global batch, each rank trains on its share, gradients are averaged
+before the update, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechscope.sae import distributed as dd
 from mechscope.sae.base import SAE, Losses, SAEError
 from mechscope.toys import checkpoint as ckpt
 
@@ -249,20 +254,29 @@ def train_sae(
     The run is written to ``out``; ``resume=True`` continues the run there (refusing other
     settings, named in the error); ``until`` pauses after that many steps (checkpointed).
     Each callback gets ``(step, sae, metrics entry)`` at every logged step.
+
+    In a process group (``torchrun``; :func:`mechscope.sae.distributed.init_distributed`) every
+    rank calls this with the same SAE, config and ``out``, and a source of its own share of the
+    data: ``batch_tokens // world_size`` rows a batch (:func:`~mechscope.sae.distributed.rank_store`).
+    Metrics are the global batch's; rank 0 writes the folder and runs the callbacks.
     """
     if not isinstance(config, TrainSAEConfig):
         raise SAEError(f"config must be a TrainSAEConfig, got {type(config).__name__}")
     directory = Path(out)
     device = sae.W_dec.device
-    stream = BatchStream(store_or_batches, config.batch_tokens)
+    stream = BatchStream(store_or_batches, dd.local_batch_tokens(config.batch_tokens))
     torch.manual_seed(config.seed)
+    dd.broadcast_module(sae)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
     tracker = LatentTracker.fresh(sae.cfg.d_sae, config.dead_after_tokens, device)
     start, metrics = prepare_run(directory, run_record(sae, config, command), resume, sae, optimizer, tracker, stream)
     end = config.steps if until is None else max(start, min(until, config.steps))
+    main = dd.is_main()
 
     sae.train()
-    bar = tqdm(total=config.steps, initial=start, desc=f"train {sae.cfg.architecture} SAE", disable=not progress)
+    bar = tqdm(
+        total=config.steps, initial=start, desc=f"train {sae.cfg.architecture} SAE", disable=not (progress and main)
+    )
     for step in range(start, end):
         x, target = stream.batch(step)
         x, target = x.to(device), None if target is None else target.to(device)
@@ -270,24 +284,25 @@ def train_sae(
         logged = done % config.log_every == 0 or done == config.steps
         firing = firing_fraction(sae, x) if logged else None  # measured with the weights the loss sees
         losses = training_step(sae, optimizer, config, step, x, target, tracker.dead_mask())
-        tracker.update(losses.fired, len(x))
+        tracker.update(dd.any_rank(losses.fired), config.batch_tokens)  # fired on any rank's share
         if firing is not None:
             entry = log_entry(config, done, target if target is not None else x, losses, optimizer)
             entry["dead_frac"] = tracker.dead_mask().float().mean().item()
-            entry["dense_frac"] = (firing > config.dense_threshold).float().mean().item()
+            entry["dense_frac"] = (dd.mean_over_ranks(firing) > config.dense_threshold).float().mean().item()
             metrics.append(entry)
             bar.set_postfix(mse=f"{entry['mse']:.4g}", l0=f"{entry['l0']:.1f}")
-            with open(directory / ckpt.METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-            for callback in callbacks:
-                callback(done, sae, entry)
+            if main:
+                with open(directory / ckpt.METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+                for callback in callbacks:
+                    callback(done, sae, entry)
         if done % config.checkpoint_every == 0 or done == end:
             save_state(directory, done, sae, optimizer, tracker, stream)
         bar.update(1)
     bar.close()
 
     sae.eval()
-    if end == config.steps:
+    if end == config.steps and main:
         sae.save(directory)
         final = {
             **run_record(sae, config, command),
@@ -295,6 +310,7 @@ def train_sae(
             "final": metrics[-1] if metrics else {},
         }
         ckpt.atomic_write_text(directory / ckpt.RUN_FILE, json.dumps(final, indent=2))
+    dd.barrier()  # no rank returns before the folder is complete
     return sae
 
 
@@ -315,6 +331,7 @@ def training_step(
         loss = losses.mse + config.sparsity_scale(step) * losses.sparsity + losses.aux
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    dd.average_gradients(sae.parameters())  # the global batch's gradient (a no-op for one process)
     normalised = sae.cfg.architecture in NORMALISED
     if normalised:
         remove_parallel_gradient(sae.W_dec)
@@ -323,6 +340,7 @@ def training_step(
     optimizer.step()
     if normalised:
         sae.normalize_decoder()
+    dd.average_buffers(sae)  # BatchTopK's threshold, updated from each rank's own batch
     return losses
 
 
@@ -343,19 +361,21 @@ def log_entry(
     losses: Losses,
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any]:
-    """The loss terms of a logged step (on its batch, before its update); FVU = MSE / the batch's variance."""
+    """The loss terms of a logged step (on its global batch, before its update); FVU = MSE / the batch's variance."""
     target = target.float()
-    variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    variance = dd.global_sum_of_squares(target).clamp_min(1e-12)
+    terms = torch.stack([losses.mse.float(), losses.sparsity.float(), losses.aux.float(), losses.l0.float().mean()])
+    mse, sparsity, aux, l0 = dd.mean_over_ranks(terms.detach()).tolist()  # equal shares: the global batch's means
     return {
         "step": done,
         "tokens": done * config.batch_tokens,
         "lr": optimizer.param_groups[0]["lr"],
-        "mse": losses.mse.item(),
-        "sparsity": losses.sparsity.item(),
+        "mse": mse,
+        "sparsity": sparsity,
         "sparsity_scale": config.sparsity_scale(done - 1),
-        "aux": losses.aux.item(),
-        "l0": losses.l0.float().mean().item(),
-        "fvu": (losses.mse.float() * len(target) / variance).item(),
+        "aux": aux,
+        "l0": l0,
+        "fvu": mse * len(target) * dd.world_size() / variance.item(),
     }
 
 
@@ -376,9 +396,12 @@ def prepare_run(
     tracker: LatentTracker,
     stream: BatchStream,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Start a fresh run in ``directory`` or continue the one there; returns (step, metrics so far)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Start a fresh run in ``directory`` or continue the one there; returns (step, metrics so far).
+
+    Every rank reads the folder (and its checkpoint) before rank 0 alone writes to it.
+    """
     run_file = directory / ckpt.RUN_FILE
+    step = None
     if run_file.exists():
         if not resume:
             raise FileExistsError(
@@ -388,7 +411,12 @@ def prepare_run(
         check_same_run(json.loads(run_file.read_text(encoding="utf-8")), record, directory)
         if (directory / ckpt.CHECKPOINT_FILE).exists():
             step = load_state(directory, sae, optimizer, tracker, stream)
-            return step, ckpt.keep_metrics_until(directory, step)
+    dd.barrier()
+    if not dd.is_main():
+        return step or 0, []
+    if step is not None:
+        return step, ckpt.keep_metrics_until(directory, step)
+    directory.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(run_file, json.dumps(record, indent=2))
     (directory / ckpt.METRICS_FILE).unlink(missing_ok=True)
     return 0, []
@@ -414,7 +442,14 @@ def save_state(
     tracker: LatentTracker,
     stream: BatchStream,
 ) -> None:
-    """One atomic file with everything a resumed run needs (the layout of the toys' checkpoints, plus more)."""
+    """One atomic file with everything a resumed run needs (the layout of the toys' checkpoints, plus more).
+
+    With several ranks, each rank's store state is gathered to rank 0 and saved under
+    ``store/rank{r}/``; only rank 0 writes.
+    """
+    states = dd.gather_states(stream.state_dict())
+    if not dd.is_main():
+        return
     tensors = {f"model/{k}": v for k, v in sae.state_dict().items()}
     optim = optimizer.state_dict()
     for index, state in optim["state"].items():
@@ -424,8 +459,9 @@ def save_state(
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     tensors["latents/tokens_since_fired"] = tracker.tokens_since_fired
-    tensors.update({f"store/{k}": v for k, v in stream.state_dict().items()})  # a store's state is flat tensors
-    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
+    for r, state in enumerate(states):  # a store's state is flat tensors
+        tensors.update({f"{store_prefix(r, len(states))}{k}": v for k, v in state.items()})
+    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"]), "world_size": str(len(states))}
     ckpt.atomic_save_tensors(directory / ckpt.CHECKPOINT_FILE, tensors, metadata)
 
 
@@ -434,6 +470,12 @@ def load_state(
 ) -> int:
     """Restore what ``save_state`` wrote; returns the step to continue from."""
     tensors, metadata = ckpt.read_tensors(directory / ckpt.CHECKPOINT_FILE)
+    saved_world, world = int(metadata.get("world_size", "1")), dd.world_size()
+    if saved_world != world:
+        raise SAEError(
+            f"the checkpoint in {directory} was written by {saved_world} process(es); resume it with "
+            f"world_size={saved_world}, not {world} (each rank continues its own share of the data)"
+        )
     sae.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -446,5 +488,11 @@ def load_state(
         torch.cuda.set_rng_state(tensors["rng/cuda"])
     tracker.tokens_since_fired.copy_(tensors["latents/tokens_since_fired"])
     step = int(metadata["step"])
-    stream.resume({k.removeprefix("store/"): v for k, v in tensors.items() if k.startswith("store/")}, step)
+    prefix = store_prefix(dd.rank(), world)
+    stream.resume({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, step)
     return step
+
+
+def store_prefix(rank: int, world: int) -> str:
+    """Checkpoint key prefix of one rank's store state (``store/`` alone for a single process)."""
+    return "store/" if world == 1 else f"store/rank{rank}/"
