@@ -13,6 +13,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mechscope.app.features import MAX_SEQUENCES
 from mechscope.app.store import MAX_ID
 
 # Starlette's own refusals (no route, wrong method, body too large) as sentences.
@@ -108,6 +109,11 @@ class PatchingRequest(Strict):
     answer: Text
     wrong: Text
     hook: Text = "resid_pre"
+
+
+class FeatureRequest(Strict):
+    feature: StrictInt  # checked against the SAE's width by the server, which knows it
+    sequences: Annotated[StrictInt, Field(ge=1, le=MAX_SEQUENCES)] | None = None  # None: DEFAULT_SEQUENCES
 
 
 def validation_message(error: RequestValidationError) -> str:

@@ -1,5 +1,6 @@
 """The workbench: a local web app where a person types a prompt and looks inside the model,
-runs a patching sweep with a progress bar, and reopens earlier experiments.
+runs a patching sweep with a progress bar, browses an SAE's features (``--sae DIR``), and
+reopens earlier experiments.
 
 The server only ever runs mechscope's own analyses on text it is sent; no endpoint runs user
 code. It binds to 127.0.0.1 by default, answers only requests addressed to this machine by
@@ -31,11 +32,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from mechscope.app.features import DEFAULT_SEQUENCES, NO_SAE, FeatureBrowser
 from mechscope.app.inputs import (
     ActivationRequest,
     BadRequest,
     BodyLimit,
     ExperimentId,
+    FeatureRequest,
     PatchingRequest,
     PromptRequest,
     error,
@@ -121,18 +124,23 @@ class Workbench:
     name: str
     store: ExperimentStore
     max_tokens: int
+    features: FeatureBrowser | None = None  # with an SAE (--sae DIR)
     jobs: JobRunner = field(default_factory=JobRunner)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def compute(self, analysis: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one library analysis on the model; input it refuses becomes a BadRequest.
+        """Run one library analysis on the model, within the page's token limit."""
+        return self.exclusive(analysis, *args, max_tokens=self.max_tokens, **kwargs)
+
+    def exclusive(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``call`` alone on the model; input it refuses becomes a BadRequest.
 
         A request never waits out a sweep on the lock (it would hold one of the server's threads
         for minutes, and enough of them would freeze even the progress polls): it gets a 409."""
         if not self.lock.acquire(timeout=0 if self.jobs.running() else LOCK_WAIT_S):
             raise BadRequest(self.busy(), 409)
         try:
-            return self.refusing(analysis, *args, max_tokens=self.max_tokens, **kwargs)
+            return self.refusing(call, *args, **kwargs)
         finally:
             self.lock.release()
 
@@ -165,6 +173,7 @@ class Workbench:
             "max_tokens": min(self.max_tokens, cfg.n_ctx),
             "hooks": self.resid_hooks(),
             "hook_points": list(self.model.hook_dict),
+            "sae": None if self.features is None else self.features.describe(),
         }
 
     def save(self, kind: str, title: str, settings: BaseModel, sections: list[Any]) -> dict[str, Any]:
@@ -205,6 +214,16 @@ class Workbench:
             )
         return self.save("patching", title, request, sections)
 
+    def feature(self, request: FeatureRequest) -> dict[str, Any]:
+        """One SAE feature's dashboard, saved with the number of sequences it was measured on."""
+        if self.features is None:
+            raise BadRequest(NO_SAE)
+        sequences = request.sequences or DEFAULT_SEQUENCES
+        self.refusing(self.features.check, request.feature)  # a bad id is a 400 even while a sweep runs
+        sections = self.exclusive(self.features.sections, request.feature, sequences)
+        settings = request.model_copy(update={"sequences": sequences})
+        return self.save("feature", self.features.title(request.feature, sequences), settings, sections)
+
 
 # ------------------------------------------------------------------ the app
 
@@ -216,16 +235,19 @@ def create_app(
     store: ExperimentStore,
     max_tokens: int = 256,
     allowed_hosts: Sequence[str] | None = LOCAL_HOSTS,
+    sae: Any = None,
 ) -> FastAPI:
     """The workbench for ``model`` (a mechscope Model with a tokenizer), saving to ``store``.
 
     ``allowed_hosts``: the names the server answers to (None: any, for a server deliberately
-    exposed beyond this machine)."""
+    exposed beyond this machine). ``sae``: a :class:`mechscope.sae.SAE` trained on ``model``,
+    whose features the page then browses (the language organism only, see app.features)."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(f"the workbench needs a model with a tokenizer; {model_name!r} has none")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1; got {max_tokens}")
-    bench = Workbench(model, model_name, store, max_tokens)
+    features = None if sae is None else FeatureBrowser(model, sae, model_name)
+    bench = Workbench(model, model_name, store, max_tokens, features)
     static = read_static()
 
     @asynccontextmanager
@@ -343,6 +365,10 @@ def add_api_routes(app: FastAPI, bench: Workbench) -> None:
         title = bench.check_patching(request)
         return {"job": bench.jobs.submit(lambda progress: bench.patching(request, title, progress))}
 
+    @app.post("/api/feature")
+    def feature(request: FeatureRequest) -> dict[str, Any]:
+        return bench.feature(request)
+
     @app.get("/api/jobs/{id}")
     def job(id: str) -> dict[str, Any]:
         try:
@@ -392,20 +418,29 @@ def serve(
     port: int = 8000,
     db: Path | None = None,
     max_tokens: int = 256,
+    sae: Path | None = None,
 ) -> None:
     """Load ``model`` (an organism name, a run folder, or a HuggingFace directory or hub id;
-    default the shipped "language" organism), print the URL and serve the workbench."""
+    default the shipped "language" organism) and, with ``sae``, the SAE saved in that folder;
+    print the URL and serve the workbench."""
     import uvicorn
 
+    from mechscope.sae import SAE
     from mechscope.toys.zoo import load_any
 
     name = model or DEFAULT_MODEL
     store = ExperimentStore(db)
-    app = create_app(load_any(name), model_name=name, store=store, max_tokens=max_tokens, allowed_hosts=hosts_for(host))
+    loaded = load_any(name)
+    features = None if sae is None else SAE.load(sae, device=next(loaded.parameters()).device)
+    app = create_app(
+        loaded, model_name=name, store=store, max_tokens=max_tokens, allowed_hosts=hosts_for(host), sae=features
+    )
     if host not in LOCAL_HOSTS:
         print(f"warning: serving on {host}: anyone who can reach this machine can use the workbench")
     shown = f"[{host}]" if ":" in host else host
     print(f"mechscope workbench for {name}: http://{shown}:{port}/  (experiments saved in {store.path})")
+    if features is not None:
+        print(f"browsing the features of the SAE in {sae} ({features.cfg.d_sae:,} on {features.cfg.hook_name})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -24,7 +24,7 @@ import platformdirs
 
 FILE_NAME = "workbench.sqlite3"
 DATA_DIR_VARIABLE = "MECHSCOPE_DATA_DIR"
-KINDS = ("prompt", "patching", "activation")
+KINDS = ("prompt", "patching", "activation", "feature")  # a new kind needs no new schema
 SUMMARY_COLUMNS = "id, created, kind, model, title"
 MAX_ID = 2**63 - 1  # SQLite's largest integer key
 COMPRESSION_LEVEL = 6

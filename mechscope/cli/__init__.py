@@ -222,12 +222,13 @@ def serve(
     port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 8000,
     db: Annotated[Path | None, typer.Option(help="SQLite file for saved experiments")] = None,
     max_tokens: Annotated[int, typer.Option(help="the longest prompt the page accepts", min=1)] = 256,
+    sae: Annotated[Path | None, typer.Option(help="an SAE folder trained on MODEL: browse its features")] = None,
 ) -> None:
     """Start the workbench: a local web page to explore prompts and run patching sweeps."""
     from mechscope.app import serve as run
 
     try:
-        run(model, host=host, port=port, db=db, max_tokens=max_tokens)
+        run(model, host=host, port=port, db=db, max_tokens=max_tokens, sae=sae)
     except (OSError, ValueError, KeyError) as error:
         fail(error)
 

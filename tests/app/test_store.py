@@ -175,7 +175,7 @@ def test_an_id_too_large_for_sqlite_is_a_key_error_not_an_overflow(store, id):
 
 @pytest.mark.bad_input
 def test_an_unknown_kind_is_refused(store):
-    with pytest.raises(ValueError, match="kind must be one of prompt, patching, activation; got 'sweep'"):
+    with pytest.raises(ValueError, match="kind must be one of prompt, patching, activation, feature; got 'sweep'"):
         store.save("sweep", "m", "t", {}, {})
 
 

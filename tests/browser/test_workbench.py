@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from mechscope.app.store import ExperimentStore
 from mechscope.loading.tiny import tiny_gpt2, train_tokenizer
+from mechscope.sae import SAEConfig, build_sae
 from mechscope.toys.language import grammar
 from mechscope.toys.language.evaluation import abc_prompts
 from mechscope.toys.zoo import load
@@ -26,8 +28,12 @@ XSS = "<img src=x onerror=alert(1)>"
 TIMEOUT_MS = 60_000
 PAGE_SIZE = 50  # workbench.js lists this many experiments at a time
 SEEDED = 60  # experiments saved before the seeded server starts: more than one page
+SAE_HOOK = "blocks.0.hook_resid_post"
+D_SAE = 16
+FEATURE = 3  # its encoder bias is raised far above the rest, so it fires on every token
 
 
+# `mechscope serve MODEL --sae DIR`, through the function the command calls
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,10 +41,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(model: str, db: Path) -> Iterator[str]:
-    """``mechscope serve MODEL`` on a free port, until the block ends."""
+def server(model: str, db: Path, sae: Path | None = None) -> Iterator[str]:
+    """``mechscope serve MODEL [--sae DIR]`` on a free port, until the block ends."""
     port = free_port()
     command = [sys.executable, "-m", "mechscope.cli", "serve", model, "--port", str(port), "--db", str(db)]
+    if sae is not None:
+        command += ["--sae", str(sae)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -335,3 +343,62 @@ def test_an_experiment_outlives_a_restart(watched, tmp_path, ioi):
         listed.first.click()
         page.locator('#results .ms-widget[data-kind="attention"]').wait_for(timeout=TIMEOUT_MS)
     watched.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def sae_server(tmp_path_factory) -> Iterator[str]:
+    """The language organism with a tiny SAE on one of its hook points."""
+    cfg = SAEConfig(
+        d_in=load("language").cfg.d_model, d_sae=D_SAE, architecture="topk", hook_name=SAE_HOOK, hook_layer=0, k=4
+    )
+    sae = build_sae(cfg, seed=0)
+    with torch.no_grad():
+        sae.b_enc[FEATURE] = 50.0
+    directory = sae.save(tmp_path_factory.mktemp("sae") / "sae")
+    with server("language", tmp_path_factory.mktemp("sae-db") / "workbench.sqlite3", directory) as url:
+        yield url
+
+
+def test_the_feature_form_appears_only_with_an_sae(watched, language_server, sae_server):
+    page = watched.page
+    page.goto(language_server)
+    page.locator("body[data-ready=true]").wait_for()
+    assert page.locator("#feature-form").is_hidden()
+    page.goto(sae_server)
+    page.locator("body[data-ready=true]").wait_for()
+    assert page.locator("#feature-form").is_visible()
+    assert page.locator("#sae-info").inner_text() == f"This SAE: topk, {D_SAE} features on {SAE_HOOK}."
+    watched.assert_clean()
+
+
+def test_a_feature_s_examples_render_and_it_is_listed(watched, sae_server):
+    page = watched.page
+    page.goto(sae_server)
+    submit(page, "#feature-form", feature=str(FEATURE), sequences="4")
+    top = page.locator(f'#results section[data-id="feature-{FEATURE}-top"] .ms-widget[data-kind="tokens"]')
+    top.first.wait_for(timeout=TIMEOUT_MS)
+    examples = page.locator('#results .ms-widget[data-kind="tokens"]')
+    assert examples.count() > 1
+    assert page.locator("#results .wb-example-focus").count() == examples.count()  # each example's own token
+    item = page.locator("#experiments li").first
+    item.wait_for()
+    assert item.get_attribute("data-kind") == "feature"
+    assert item.locator(".wb-title").inner_text() == f"feature {FEATURE} · {SAE_HOOK} · 4 sequences"
+    page.locator("#feature-form [name=feature]").fill("0")
+    item.locator(".wb-open").click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('Experiment #')")
+    assert page.locator("#feature-form [name=feature]").input_value() == str(FEATURE)  # the form shows what ran
+    assert page.locator('#results .ms-widget[data-kind="tokens"]').count() == examples.count()
+    watched.assert_clean()
+
+
+@pytest.mark.bad_input
+def test_a_feature_outside_the_sae_is_an_error_naming_the_range(watched, sae_server):
+    page = watched.page
+    page.goto(sae_server)
+    before = listed_ids(sae_server)
+    submit(page, "#feature-form", feature=str(D_SAE))
+    page.locator("#error").wait_for(state="visible")
+    assert f"feature must be between 0 and {D_SAE - 1}" in page.locator("#error").inner_text()
+    assert listed_ids(sae_server) == before
+    assert [e for e in watched.errors if "400" not in e] == []

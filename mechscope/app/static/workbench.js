@@ -1,5 +1,6 @@
-// The workbench page: three forms that ask the server for sections of widgets, a list of saved
-// experiments, and a progress bar for patching jobs. Everything shown is built with createElement
+// The workbench page: forms that ask the server for sections of widgets (prompt, activation,
+// patching, and an SAE feature when the server has an SAE), a list of saved experiments, and a
+// progress bar for patching jobs. Everything shown is built with createElement
 // and textContent (token strings are untrusted), and the widgets are drawn by the viz bundle's
 // mechscope.render, loaded from this server like this file.
 (function () {
@@ -83,7 +84,17 @@
     } catch (error) {
       console.error(error);
       host.appendChild(element("p", "wb-widget-error", `This ${widget.kind} widget could not be drawn.`));
+      return;
     }
+    markFocus(host, widget);
+  }
+
+  // An SAE example names the token it is about (``focus``): outline it among its neighbours.
+  function markFocus(host, widget) {
+    const focus = widget.data && widget.data.focus;
+    if (widget.kind !== "tokens" || !Number.isInteger(focus)) return;
+    const token = host.querySelector(`.ms-token[data-index="${focus}"]`);
+    if (token) token.classList.add("wb-example-focus");
   }
 
   function renderSection(section) {
@@ -260,24 +271,47 @@
     run("prompt", "/api/prompt", read(form, ["prompt", "answer", "wrong"], ["answer", "wrong"]));
   }
 
+  class InputError extends Error {}
+
+  // The number fields of ``body`` as integers; an InputError naming the field for anything else.
+  function wholeNumbers(form, body, names) {
+    for (const name of names) {
+      if (form.elements.namedItem(name).validity.badInput) {
+        throw new InputError(`${name} must be a whole number`); // the browser hides what was typed: value is ""
+      }
+      if (body[name] === undefined) continue;
+      const number = Number(body[name]);
+      if (body[name].trim() === "" || !Number.isInteger(number)) {
+        throw new InputError(`${name} must be a whole number; got ${JSON.stringify(body[name])}`);
+      }
+      body[name] = number;
+    }
+    return body;
+  }
+
+  function runNumbers(what, path, form, body, names) {
+    try {
+      wholeNumbers(form, body, names);
+    } catch (error) {
+      if (!(error instanceof InputError)) throw error;
+      showStatus("");
+      showError(error.message);
+      return;
+    }
+    run(what, path, body);
+  }
+
   function onActivation(event) {
     event.preventDefault();
     const form = event.currentTarget;
-    if (form.elements.namedItem("index").validity.badInput) {
-      showStatus("");
-      showError("index must be a whole number"); // the browser hides what was typed: value is ""
-      return;
-    }
-    const body = read(form, ["prompt", "hook", "index"], ["index"]);
-    if (body.index !== undefined) {
-      const index = Number(body.index);
-      if (!Number.isInteger(index)) {
-        showError(`index must be a whole number; got ${JSON.stringify(body.index)}`);
-        return;
-      }
-      body.index = index;
-    }
-    run("activation", "/api/activation", body);
+    runNumbers("activation", "/api/activation", form, read(form, ["prompt", "hook", "index"], ["index"]), ["index"]);
+  }
+
+  function onFeature(event) {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const body = read(form, ["feature", "sequences"], ["sequences"]);
+    runNumbers("feature", "/api/feature", form, body, ["feature", "sequences"]);
   }
 
   // ------------------------------------------------------------------ patching jobs
@@ -346,12 +380,25 @@
     if (!hook.value && model.hook_points.length) {
       hook.placeholder = model.hook_points.find((name) => name.endsWith("mlp.hook_post")) || model.hook_points[0];
     }
+    describeSae(model.sae);
+  }
+
+  // The feature form is there only when the server has an SAE (``mechscope serve --sae DIR``).
+  function describeSae(sae) {
+    const form = $("#feature-form");
+    form.hidden = !sae;
+    if (!sae) return;
+    $("#sae-info").textContent = `This SAE: ${sae.architecture}, ${sae.d_sae} features on ${sae.hook_name}.`;
+    const feature = form.elements.namedItem("feature");
+    feature.max = String(sae.d_sae - 1);
+    feature.placeholder = `0 – ${sae.d_sae - 1}`;
   }
 
   async function start() {
     $("#prompt-form").addEventListener("submit", onPrompt);
     $("#activation-form").addEventListener("submit", onActivation);
     $("#patching-form").addEventListener("submit", onPatching);
+    $("#feature-form").addEventListener("submit", onFeature);
     $("#experiments-more").addEventListener("click", () => showOlder().catch(fail));
     try {
       describeModel(await api("/api/model"));
