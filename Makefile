@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/core.py
 	$(BIN)/python benchmarks/loading.py
 	$(BIN)/python benchmarks/patching.py
+	$(BIN)/python benchmarks/sae.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -209,11 +209,19 @@ class SAE(nn.Module):
 
     # -- the interface -------------------------------------------------------------------
     def pre_activations(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
-        """Encoder affine map, with SAELens' ``x - b_dec`` centring when configured."""
-        x = x.to(self.W_enc.dtype)
+        """Encoder affine map, with SAELens' ``x - b_dec`` centring when configured (folded into the bias)."""
+        flat = x.to(self.W_enc.dtype).reshape(-1, self.cfg.d_in)
+        return torch.addmm(self.encoder_bias(), flat, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def encoder_bias(self) -> Float[Tensor, " d_sae"]:
+        """``b_enc - b_dec @ W_enc`` (or ``b_enc``): ``(x - b_dec) @ W_enc + b_enc`` without a centred copy of x.
+
+        Besides the copy, this saves a whole matmul in training: ``b_dec``'s gradient through the
+        encoder is then one matrix-vector product, not the gradient of every centred input.
+        """
         if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+            return self.b_enc - self.b_dec @ self.W_enc
+        return self.b_enc
 
     def activate(self, pre: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_sae"]:
         """Pre-activations to dense latents; each architecture defines its own."""
@@ -260,11 +268,17 @@ class SAE(nn.Module):
         x, target = self._checked_pair(x, target)
         if dead_mask is not None and (dead_mask.dtype != torch.bool or dead_mask.shape != (self.cfg.d_sae,)):
             raise SAEError(f"dead_mask must be a bool tensor of shape [d_sae={self.cfg.d_sae}], got {dead_mask.shape}")
+        step, aux = self.training_forward(x, target, dead_mask)
+        mse = (step.output - target).pow(2).sum(-1).mean()
+        return Losses(mse, step.sparsity, aux, mse + step.sparsity + aux, step.l0, step.fired)
+
+    def training_forward(
+        self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"], dead_mask: Tensor | None
+    ) -> tuple[Reconstruction, Float[Tensor, ""]]:
+        """The reconstruction and the auxiliary loss of a batch, through dense pre-activations."""
         pre = self.pre_activations(x)
         step = self.reconstruct(pre)
-        mse = (step.output - target).pow(2).sum(-1).mean()
-        aux = self.aux_loss(pre, (target - step.output).detach(), dead_mask)
-        return Losses(mse, step.sparsity, aux, mse + step.sparsity + aux, step.l0, step.fired)
+        return step, self.aux_loss(pre, (target - step.output).detach(), dead_mask)
 
     def reconstruct(self, pre: Float[Tensor, "batch d_sae"]) -> Reconstruction:
         """The training forward pass from pre-activations; dense by default."""
@@ -329,8 +343,64 @@ def gathered_decode(
     indices: Int[Tensor, "*batch k"],
     values: Float[Tensor, "*batch k"],
 ) -> Float[Tensor, "*batch d_out"]:
-    """``b_dec`` plus the value-weighted sum of the gathered decoder rows: no dense latents."""
-    return einsum(values.to(W_dec.dtype), W_dec[indices], "... k, ... k d -> ... d") + b_dec
+    """``b_dec`` plus the value-weighted sum of the chosen decoder rows: no dense latents, no gathered copy.
+
+    ``embedding_bag`` adds the rows up in place, forward and backward; indexing ``W_dec[indices]``
+    would copy ``k`` rows per example (400 MB for 4,096 examples, k=32, d=768) and scatter as
+    much back in the backward pass.
+    """
+    k, d_out = indices.shape[-1], W_dec.shape[-1]
+    if k == 0:
+        return b_dec.expand(*indices.shape[:-1], d_out).clone()
+    summed = F.embedding_bag(
+        indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k).to(W_dec.dtype), mode="sum"
+    )
+    return summed.reshape(*indices.shape[:-1], d_out) + b_dec
+
+
+def bag_sum(
+    bags: Int[Tensor, " n"], n_bags: int, rows: Int[Tensor, " n"], table: Float[Tensor, "m d"], weights: Tensor
+) -> Float[Tensor, "n_bags d"]:
+    """``out[b] = Σ_{i: bags[i] = b} weights[i] · table[rows[i]]``, without copying the chosen rows."""
+    order = torch.argsort(bags, stable=True)
+    offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
+    offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
+    return F.embedding_bag(rows[order], table, offsets, per_sample_weights=weights[order].to(table.dtype), mode="sum")
+
+
+class SelectedPre(torch.autograd.Function):
+    """Pre-activations at chosen (example, latent) pairs, whose backward touches only those pairs.
+
+    ``forward(values, x, W_enc, bias, rows, cols)`` returns ``values`` (``pre[rows, cols]``, already
+    computed without a graph); the backward pass gives ``W_enc``, ``bias`` and ``x`` the gradient
+    of ``x[rows] @ W_enc[:, cols] + bias[cols]`` from the chosen pairs alone: three sums over
+    ``len(rows)`` vectors instead of a ``[d_in, batch] @ [batch, d_sae]`` matmul of mostly zeros.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, x: Tensor, W_enc: Tensor, bias: Tensor, rows: Tensor, cols: Tensor):
+        ctx.save_for_backward(x, W_enc, rows, cols)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        x, W_enc, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grad_x = grad_W = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_x = bag_sum(rows, len(x), cols, W_enc.t().contiguous(), grad)
+        if ctx.needs_input_grad[2]:
+            grad_W = bag_sum(cols, d_sae, rows, x.to(W_enc.dtype), grad).t().contiguous()
+        if ctx.needs_input_grad[3]:
+            grad_bias = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        return None, grad_x, grad_W, grad_bias, None, None
+
+
+def selected_pre_activations(
+    sae: SAE, x: Float[Tensor, "batch d_in"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"], values: Tensor
+) -> Float[Tensor, " n"]:
+    """``pre[rows, cols]`` (``values``, computed without a graph), differentiable through these pairs only."""
+    return SelectedPre.apply(values, x.to(sae.W_enc.dtype), sae.W_enc, sae.encoder_bias(), rows, cols)
 
 
 def dense_reconstruction(

@@ -27,8 +27,10 @@ from mechscope.sae.base import (
     Reconstruction,
     SAEConfig,
     SparseLatents,
+    bag_sum,
     gathered_decode,
     register,
+    selected_pre_activations,
 )
 
 
@@ -78,17 +80,52 @@ class TopKSAE(SAE):
 
     def reconstruct(self, pre: Float[Tensor, "batch d_sae"]) -> Reconstruction:
         """Sparse training step: no dense latents, no sparsity penalty."""
-        sparse = topk_latents(pre, self.cfg.k)
-        active = sparse.values > 0
-        output = gathered_decode(self.W_dec, self.b_dec, sparse.indices, sparse.values)
-        l0 = active.sum(-1).to(pre.dtype)
-        return Reconstruction(output, pre.new_zeros(()), l0, fired_latents(sparse.indices[active], self.cfg.d_sae))
+        return self.reconstruct_sparse(topk_latents(pre, self.cfg.k))
 
     def aux_loss(
         self, pre: Float[Tensor, "batch d_sae"], residual: Float[Tensor, "batch d_out"], dead_mask: Tensor | None
     ) -> Float[Tensor, ""]:
         """AuxK (see the module note)."""
         return auxk_loss(self, pre, residual, dead_mask)
+
+    def training_forward(
+        self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"], dead_mask: Tensor | None
+    ) -> tuple[Reconstruction, Float[Tensor, ""]]:
+        """``reconstruct`` and ``aux_loss`` with gradients only through the kept latents (see ``sparse_topk``)."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+        sparse = sparse_topk(self, x, pre, self.cfg.k)
+        step = self.reconstruct_sparse(sparse)
+        if dead_mask is None or not dead_mask.any():
+            return step, pre.new_zeros(())
+        with torch.no_grad():
+            dead_pre = pre.masked_fill_(~dead_mask, float("-inf"))  # pre is not needed any more
+        k_aux = min(self.cfg.aux_k or max(self.cfg.d_in // 2, 1), int(dead_mask.sum()))
+        dead = sparse_topk(self, x, dead_pre, k_aux)
+        error = gathered_decode(self.W_dec, torch.zeros_like(self.b_dec), dead.indices, dead.values)
+        residual = (target - step.output).detach()
+        return step, self.cfg.aux_loss_coefficient * (error - residual).pow(2).sum(-1).mean()
+
+    def reconstruct_sparse(self, sparse: SparseLatents) -> Reconstruction:
+        """Training output from the kept latents: no sparsity penalty, L0 and firing from the indices."""
+        active = sparse.values > 0
+        output = gathered_decode(self.W_dec, self.b_dec, sparse.indices, sparse.values)
+        l0 = active.sum(-1).to(sparse.values.dtype)
+        fired = fired_latents(sparse.indices[active], self.cfg.d_sae)
+        return Reconstruction(output, sparse.values.new_zeros(()), l0, fired)
+
+
+def sparse_topk(sae: SAE, x: Float[Tensor, "batch d_in"], pre: Float[Tensor, "batch d_sae"], k: int) -> SparseLatents:
+    """``topk_latents(pre, k)`` for ``pre`` computed without a graph, differentiable through the kept pairs only.
+
+    Autograd through a dense ``pre`` would build a ``[batch, d_sae]`` gradient that is zero outside
+    the kept latents and multiply it into ``W_enc``'s gradient (a full matmul); here the encoder's
+    gradient is summed over the ``batch * k`` kept pairs alone (``SelectedPre``).
+    """
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    rows = torch.arange(len(pre), device=pre.device).repeat_interleave(k)
+    kept = selected_pre_activations(sae, x, rows, indices.flatten(), values.flatten())
+    return SparseLatents(indices, torch.relu(kept).view_as(values))
 
 
 @register("batchtopk")
@@ -119,6 +156,12 @@ class BatchTopKSAE(TopKSAE):
         """Active latents padded to the largest count (the count varies per example)."""
         return SAE.encode_sparse(self, x)
 
+    def training_forward(
+        self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"], dead_mask: Tensor | None
+    ) -> tuple[Reconstruction, Float[Tensor, ""]]:
+        """Through dense pre-activations (the batch's top-k is not per example)."""
+        return SAE.training_forward(self, x, target, dead_mask)
+
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         """Reconstruction; batch-dependent in training mode, thresholded in evaluation mode."""
         return SAE.forward(self, x)
@@ -129,9 +172,7 @@ class BatchTopKSAE(TopKSAE):
             return SAE.reconstruct(self, pre)
         rows, cols, values = self.batch_topk(pre)
         active = values > 0
-        decoded = (values[:, None] * self.W_dec[cols]).to(self.W_dec.dtype)
-        output = torch.zeros(len(pre), self.cfg.d_out, dtype=decoded.dtype, device=pre.device)
-        output = output.index_add(0, rows, decoded) + self.b_dec
+        output = bag_sum(rows, len(pre), cols, self.W_dec, values) + self.b_dec
         l0 = torch.bincount(rows[active], minlength=len(pre)).to(pre.dtype)
         self.update_threshold(values[active])
         return Reconstruction(output, pre.new_zeros(()), l0, fired_latents(cols[active], self.cfg.d_sae))
