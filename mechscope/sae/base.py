@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from mechscope.sae.sparse import gathered_decode
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -335,72 +336,6 @@ class SAE(nn.Module):
             shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
             raise SAEError(f"target must be [{len(x)} examples, d_out={self.cfg.d_out}] like x, got {shape}")
         return x, target.reshape(-1, self.cfg.d_out).to(self.W_dec.dtype)
-
-
-def gathered_decode(
-    W_dec: Float[Tensor, "d_sae d_out"],
-    b_dec: Float[Tensor, " d_out"],
-    indices: Int[Tensor, "*batch k"],
-    values: Float[Tensor, "*batch k"],
-) -> Float[Tensor, "*batch d_out"]:
-    """``b_dec`` plus the value-weighted sum of the chosen decoder rows: no dense latents, no gathered copy.
-
-    ``embedding_bag`` adds the rows up in place, forward and backward; indexing ``W_dec[indices]``
-    would copy ``k`` rows per example (400 MB for 4,096 examples, k=32, d=768) and scatter as
-    much back in the backward pass.
-    """
-    k, d_out = indices.shape[-1], W_dec.shape[-1]
-    if k == 0:
-        return b_dec.expand(*indices.shape[:-1], d_out).clone()
-    summed = F.embedding_bag(
-        indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k).to(W_dec.dtype), mode="sum"
-    )
-    return summed.reshape(*indices.shape[:-1], d_out) + b_dec
-
-
-def bag_sum(
-    bags: Int[Tensor, " n"], n_bags: int, rows: Int[Tensor, " n"], table: Float[Tensor, "m d"], weights: Tensor
-) -> Float[Tensor, "n_bags d"]:
-    """``out[b] = Σ_{i: bags[i] = b} weights[i] · table[rows[i]]``, without copying the chosen rows."""
-    order = torch.argsort(bags, stable=True)
-    offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
-    offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
-    return F.embedding_bag(rows[order], table, offsets, per_sample_weights=weights[order].to(table.dtype), mode="sum")
-
-
-class SelectedPre(torch.autograd.Function):
-    """Pre-activations at chosen (example, latent) pairs, whose backward touches only those pairs.
-
-    ``forward(values, x, W_enc, bias, rows, cols)`` returns ``values`` (``pre[rows, cols]``, already
-    computed without a graph); the backward pass gives ``W_enc``, ``bias`` and ``x`` the gradient
-    of ``x[rows] @ W_enc[:, cols] + bias[cols]`` from the chosen pairs alone: three sums over
-    ``len(rows)`` vectors instead of a ``[d_in, batch] @ [batch, d_sae]`` matmul of mostly zeros.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, values: Tensor, x: Tensor, W_enc: Tensor, bias: Tensor, rows: Tensor, cols: Tensor):
-        ctx.save_for_backward(x, W_enc, rows, cols)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        x, W_enc, rows, cols = ctx.saved_tensors
-        d_sae = W_enc.shape[1]
-        grad_x = grad_W = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_x = bag_sum(rows, len(x), cols, W_enc.t().contiguous(), grad)
-        if ctx.needs_input_grad[2]:
-            grad_W = bag_sum(cols, d_sae, rows, x.to(W_enc.dtype), grad).t().contiguous()
-        if ctx.needs_input_grad[3]:
-            grad_bias = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return None, grad_x, grad_W, grad_bias, None, None
-
-
-def selected_pre_activations(
-    sae: SAE, x: Float[Tensor, "batch d_in"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"], values: Tensor
-) -> Float[Tensor, " n"]:
-    """``pre[rows, cols]`` (``values``, computed without a graph), differentiable through these pairs only."""
-    return SelectedPre.apply(values, x.to(sae.W_enc.dtype), sae.W_enc, sae.encoder_bias(), rows, cols)
 
 
 def dense_reconstruction(

@@ -37,16 +37,20 @@ def _sum_to_threshold(grad: Tensor) -> Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(0)
 
 
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        return pre * (pre > threshold).to(pre.dtype)
+class _Thresholded(torch.autograd.Function):
+    """What both functions keep for their straight-through backward: the inputs and the bandwidth."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
         pre, threshold, bandwidth = inputs
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
+
+
+class _JumpReLU(_Thresholded):
+    @staticmethod
+    def forward(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        return pre * (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -56,16 +60,10 @@ class _JumpReLU(torch.autograd.Function):
         return (pre > threshold).to(grad.dtype) * grad, grad_threshold, None
 
 
-class _Step(torch.autograd.Function):
+class _Step(_Thresholded):
     @staticmethod
     def forward(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
-        pre, threshold, bandwidth = inputs
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:

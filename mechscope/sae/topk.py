@@ -22,16 +22,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechscope.sae.base import (
-    SAE,
-    Reconstruction,
-    SAEConfig,
-    SparseLatents,
-    bag_sum,
-    gathered_decode,
-    register,
-    selected_pre_activations,
-)
+from mechscope.sae.base import SAE, Reconstruction, SAEConfig, SparseLatents, register
+from mechscope.sae.sparse import bag_sum, gathered_decode, selected_pre_activations
 
 
 def topk_latents(pre: Float[Tensor, "*batch d_sae"], k: int) -> SparseLatents:

@@ -213,12 +213,7 @@ def prepare_directory(
 
 def check_same_run(stored: dict[str, Any], wanted: dict[str, Any], directory: Path) -> None:
     """Resuming with other settings would silently mix two runs; name what differs instead."""
-    differences = [
-        f"{section}.{key}: {stored[section].get(key)!r} in the folder, {wanted[section].get(key)!r} now"
-        for section in ("params", "train")
-        for key in sorted(set(stored.get(section, {})) | set(wanted[section]))
-        if stored.get(section, {}).get(key) != wanted[section].get(key)
-    ]
+    differences = ckpt.setting_differences(stored, wanted, ("params", "train"))
     if stored.get("organism") != wanted["organism"]:
         differences.insert(0, f"organism: {stored.get('organism')!r} in the folder, {wanted['organism']!r} now")
     if differences:

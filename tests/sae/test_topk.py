@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mechscope.sae import BatchTopKSAE, TopKSAE
-from mechscope.sae.base import gathered_decode
+from mechscope.sae.sparse import gathered_decode
 from tests.sae import random_sae
 
 
