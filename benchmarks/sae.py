@@ -19,6 +19,10 @@ same number of steps, each in a fresh process limited to ``--threads`` threads. 
 through a buffer of 8 batches (SAELens: ``n_batches_in_buffer`` = 8 × 4,096 / 128, its default
 mixing fraction 0.5). Nothing is logged to wandb and SAELens runs no evals.
 
+``--precision bfloat16`` switches on each library's own mixed precision: mechscope loads the model
+in bfloat16 and autocasts the SAE's step; SAELens autocasts the model's forward (``autocast_lm``)
+and the SAE's step (``autocast``). The SAE's weights stay float32 in both.
+
 Two figures per run: **whole** is tokens trained / wall time of the training call (buffer
 fills, steps, final save); **steady** is measured between batch requests ``--warmup`` and
 ``--warmup + 8m`` (a whole number of buffer cycles for both), so it leaves out the first
@@ -81,6 +85,7 @@ cfg = LanguageModelSAERunnerConfig(
     n_batches_in_buffer=a["buffer_batches"] * a["batch"] // a["context"],
     training_tokens=a["steps"] * a["batch"], store_batch_size_prompts=a["batch"] // a["context"],
     train_batch_size_tokens=a["batch"], lr=a["lr"], device="cpu", seed=0, dtype="float32",
+    autocast=a["precision"] == "bfloat16", autocast_lm=a["precision"] == "bfloat16",
     logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=os.path.join(scratch, "ckpt"),
     output_path=os.path.join(scratch, "out-" + a["arch"]), verbose=False,
 )
@@ -118,6 +123,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="rounds per implementation and architecture")
     parser.add_argument("--archs", default="topk,relu")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: each library's mixed precision (mechscope: bf16 model, SAE autocast; SAELens: both autocasts)",
+    )
     parser.add_argument("--peers-python", default=None, help="a Python with sae_lens installed")
     parser.add_argument("--saelens-sparse", action="store_true", help="also SAELens TopK use_sparse_activations")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -135,7 +146,8 @@ def mechscope_worker(a: dict) -> dict:
     import mechscope
     from mechscope.sae import ActivationStore, SAEConfig, TrainSAEConfig, build_sae, train_sae
 
-    model = mechscope.Model.from_pretrained(a["model_dir"], dtype=torch.float32).eval()
+    half = a["precision"] == "bfloat16"
+    model = mechscope.Model.from_pretrained(a["model_dir"], dtype=torch.bfloat16 if half else torch.float32).eval()
     tokens = load_file(a["tokens"])["tokens"]
     store = ActivationStore(
         model, a["hook"], tokens, batch_tokens=a["batch"], context=a["context"], buffer_batches=a["buffer_batches"]
@@ -143,7 +155,7 @@ def mechscope_worker(a: dict) -> dict:
     extra = {"k": a["k"]} if a["arch"] == "topk" else {"l1_coefficient": a["l1"]}
     cfg = SAEConfig(a["d_model"], a["width"], a["arch"], a["hook"], HOOK_LAYER, **extra)
     sae = build_sae(cfg)
-    train = TrainSAEConfig(total_tokens=a["steps"] * a["batch"], batch_tokens=a["batch"], lr=a["lr"])
+    train = TrainSAEConfig(total_tokens=a["steps"] * a["batch"], batch_tokens=a["batch"], lr=a["lr"], autocast=half)
     stamps: list[float] = []
     next_batch = store.next_batch
 
@@ -229,11 +241,12 @@ def main() -> None:
             "hook": f"blocks.{HOOK_LAYER}.hook_resid_post",
             "width": args.expansion * args.d_model,
             **{k: getattr(args, k) for k in ("layers", "d_model", "k", "l1", "lr", "batch", "context", "steps")},
-            **{k: getattr(args, k) for k in ("buffer_batches", "warmup", "threads")},
+            **{k: getattr(args, k) for k in ("buffer_batches", "warmup", "threads", "precision")},
         }
         print(
             f"model: {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}; hook {base['hook']}, "
-            f"width {base['width']}, k {args.k}, {args.batch} tokens/step x {args.steps} steps, context {args.context}"
+            f"width {base['width']}, k {args.k}, {args.batch} tokens/step x {args.steps} steps, "
+            f"context {args.context}, {args.precision}"
         )
         impls = [("mechscope", sys.executable, False)]
         if peers is not None:

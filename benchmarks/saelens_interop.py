@@ -14,6 +14,10 @@ is installed): ``python benchmarks/saelens_interop.py [--saelens-python PATH]``.
 
 then prints the largest absolute difference of every output and exits 1 if one exceeds
 ``--tolerance`` (1e-5).
+
+``--dir tests/sae/saelens_reference`` keeps everything it wrote (both sides' folders, the inputs,
+SAELens' outputs and its version) as the fixture of ``tests/sae/test_saelens_reference.py``, which
+checks the same agreement in CI, where SAELens is not installed.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from sae_lens.saes.sae import SAEMetadata
 
 work = Path(sys.argv[1])
 inputs = load_file(work / "inputs.safetensors")
+from importlib.metadata import version
+(work / "saelens_version.txt").write_text(version("sae-lens") + "\n")
 
 def outputs(sae, x, z):
     with torch.no_grad():

@@ -46,6 +46,18 @@ def test_train_then_eval(tmp_path):
     assert (pages / "index.html").exists() and len(list(pages.glob("feature-*.html"))) == 3
 
 
+def test_normalised_autocast_training_saves_an_sae_for_raw_activations(tmp_path):
+    out = tmp_path / "sae"
+    args = ["sae", "train", "--model", "language", "--hook", HOOK, "--arch", "relu", "--width", "64", "--autocast"]
+    result = runner.invoke(app, [*args, "--normalize", "expected_average_only_in", "--tokens", "1024",
+                                 "--batch-tokens", "512", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["train"]["autocast"] is True and record["sae"]["normalize_activations"] == "expected_average_only_in"
+    assert record["norm_scaling_factor"] > 0
+    assert json.loads((out / "cfg.json").read_text())["normalize_activations"] == "none"
+
+
 def test_bad_requests_fail_in_one_line(tmp_path):
     result = runner.invoke(app, ["sae", "train", "--model", "language", "--hook", "blocks.1.hook_resid_pots",
                                  "--out", str(tmp_path)])  # fmt: skip
@@ -53,5 +65,8 @@ def test_bad_requests_fail_in_one_line(tmp_path):
     result = runner.invoke(app, ["sae", "train", "--model", "language", "--hook", HOOK, "--arch", "gated",
                                  "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 1 and "architecture" in result.output
+    result = runner.invoke(app, ["sae", "train", "--model", "language", "--hook", HOOK, "--normalize", "layer_norm",
+                                 "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 1 and "normalize_activations" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["sae", "eval", str(tmp_path / "missing"), "--model", "language"])
     assert result.exit_code == 1 and "error:" in result.output

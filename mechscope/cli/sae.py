@@ -40,6 +40,10 @@ def train(
     context: Annotated[int, typer.Option(help="tokens per sequence fed to the model", min=2)] = 128,
     lr: Annotated[float, typer.Option(help="peak learning rate", min=0)] = 3e-4,
     seed: Annotated[int, typer.Option(help="seeds the initialisation and the data order")] = 0,
+    normalize: Annotated[
+        str, typer.Option(help="'none' or 'expected_average_only_in' (mean norm sqrt(d_in) while training)")
+    ] = "none",
+    autocast: Annotated[bool, typer.Option(help="bfloat16 autocast of the SAE's step")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="cache activations here and train from the cache")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in OUT after an interruption")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -69,6 +73,7 @@ def train(
             l1_coefficient=l1,
             model_name=model,
             apply_b_dec_to_input=output_hook is None,
+            normalize_activations=normalize,
         )
         # each process streams its own share of the rows; with one process this is the plain store
         store = rank_store(
@@ -81,7 +86,7 @@ def train(
             output_hook_name=output_hook,
             cache_dir=cache_dir,
         )
-        config = TrainSAEConfig(total_tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed)
+        config = TrainSAEConfig(total_tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, autocast=autocast)
         sae = build_sae(cfg, seed=seed, device=device)
         main = is_main()  # asked before the process group closes
         train_sae(sae, store, config, out, resume=resume, progress=progress and main)

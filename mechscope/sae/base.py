@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,7 +53,7 @@ class SAEConfig:
     dtype: str = "float32"
     model_name: str | None = None
     apply_b_dec_to_input: bool = True
-    normalize_activations: str = "none"
+    normalize_activations: str = "none"  # "expected_average_only_in": see train_sae; a no-op at inference
     aux_k: int | None = None  # AuxK: dead latents used to model the residual; None: d_in // 2
     aux_loss_coefficient: float = 1 / 32  # AuxK weight (Gao et al. 2024)
     topk_threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold
@@ -96,7 +96,8 @@ def _check_types(cfg: SAEConfig) -> None:
     strs = ("architecture", "hook_name", "dtype", "normalize_activations", "output_hook_name", "model_name")
     for name in ints:
         value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        required = name in ("d_in", "d_sae", "hook_layer")
+        if (value is not None or required) and (isinstance(value, bool) or not isinstance(value, int)):
             raise SAEError(f"{name} must be an int, got {value!r}")
     for name in (*floats, "topk_threshold_lr"):
         value = getattr(cfg, name)
@@ -210,18 +211,25 @@ class SAE(nn.Module):
 
     # -- the interface -------------------------------------------------------------------
     def pre_activations(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
-        """Encoder affine map, with SAELens' ``x - b_dec`` centring when configured (folded into the bias)."""
-        flat = x.to(self.W_enc.dtype).reshape(-1, self.cfg.d_in)
+        """Encoder affine map ``(x - b_dec) @ W_enc + b_enc``, with SAELens' centring when configured."""
+        flat = self.encoder_input(x.to(self.W_enc.dtype).reshape(-1, self.cfg.d_in))
         return torch.addmm(self.encoder_bias(), flat, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
 
-    def encoder_bias(self) -> Float[Tensor, " d_sae"]:
-        """``b_enc - b_dec @ W_enc`` (or ``b_enc``): ``(x - b_dec) @ W_enc + b_enc`` without a centred copy of x.
+    def encoder_input(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_in"]:
+        """``x - b_dec`` when centring (else ``x``); ``b_dec``'s gradient through it comes via ``encoder_bias``."""
+        return x - self.b_dec.detach() if self.cfg.apply_b_dec_to_input else x
 
-        Besides the copy, this saves a whole matmul in training: ``b_dec``'s gradient through the
-        encoder is then one matrix-vector product, not the gradient of every centred input.
+    def encoder_bias(self) -> Float[Tensor, " d_sae"]:
+        """``b_enc``, plus a zero that gives ``b_dec`` its gradient through the centring cheaply.
+
+        Autograd through ``x - b_dec`` would multiply the whole ``[batch, d_sae]`` gradient back
+        through ``W_enc`` only to sum it over the batch; ``-(b_dec - b_dec.detach()) @ W_enc`` is zero
+        in value and carries the same gradient as one matrix-vector product. Centring x itself (not
+        folding ``b_dec @ W_enc`` into the bias) keeps SAELens' order of operations, which matters in
+        float32 when activations carry a large constant offset.
         """
         if self.cfg.apply_b_dec_to_input:
-            return self.b_enc - self.b_dec @ self.W_enc
+            return self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc
         return self.b_enc
 
     def activate(self, pre: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_sae"]:
@@ -299,6 +307,18 @@ class SAE(nn.Module):
         """Unit-norm decoder rows, so latent sizes are comparable and sparsity cannot shrink by growing W_dec."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, factor: float) -> None:
+        """Take raw activations from now on, as trained on ``factor ×`` them: SAELens' fold, exactly.
+
+        ``(f·x - b_dec) @ W_enc`` equals ``(x - b_dec/f) @ (f·W_enc)``, so the latents are unchanged
+        (thresholds too), and the output ``(latents @ W_dec + b_dec) / f`` comes back in raw units.
+        """
+        self.W_enc.mul_(factor)
+        self.W_dec.div_(factor)
+        self.b_dec.div_(factor)
+        self.cfg = replace(self.cfg, normalize_activations="none")  # not the caller's config object
+
     def save(self, directory: str | Path) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` in SAELens' format (atomically)."""
         from mechscope.sae.saelens import save_saelens
@@ -323,6 +343,8 @@ class SAE(nn.Module):
     def _checked_pair(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
         """``x`` and its target as ``[examples, d]`` matrices (the target defaults to ``x`` for an SAE)."""
         x = self._checked_input(x).reshape(-1, self.cfg.d_in)
+        if len(x) == 0:
+            raise SAEError("x has 0 examples; the losses need at least 1")
         if target is None:
             if self.cfg.is_transcoder:
                 raise SAEError(f"target is required for a transcoder (activations of {self.cfg.output_hook_name})")

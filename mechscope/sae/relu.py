@@ -6,20 +6,33 @@ Weighting each latent's L1 by its decoder row norm makes the penalty invariant t
 between a latent and its decoder row, so the decoder need not be renormalised during training:
 ``normalize_decoder`` is a no-op here (``fold_decoder_norms`` moves the norms into the encoder
 exactly when unit rows are wanted, for export or comparison).
+
+Training is dense while many latents fire (at the start about half do) and switches, step by
+step, to the sparse path of ``mechscope.sae.sparse`` once few do: the loss and every gradient
+are the same either way (an inactive latent's ReLU has zero gradient), only the cost differs.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.sae.base import SAE, Reconstruction, dense_reconstruction, register
+from mechscope.sae.sparse import bag_sum, fired_latents, selected_pre_activations
 
 
 @register("relu")
 class ReLUSAE(SAE):
     """Standard SAE (SAELens "standard"): ReLU latents, norm-weighted L1 sparsity."""
+
+    # Train through the active pairs when fewer than this fraction of (token, latent) pairs fire.
+    # On CPU, embedding_bag sums run at ~1/25 of a dense matmul's rate per multiply-add, and a dense
+    # step costs four matmuls after the encoder's, so the sparse path wins below ~4 % (measured in
+    # docs/benchmarks.md). GPUs are left dense: there the crossover has not been measured.
+    sparse_below: ClassVar[float] = 0.03
 
     def activate(self, pre: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_sae"]:
         """ReLU."""
@@ -30,6 +43,30 @@ class ReLUSAE(SAE):
         latents = torch.relu(pre)
         l1 = (latents * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return dense_reconstruction(self, latents, self.cfg.l1_coefficient * l1)
+
+    def training_forward(
+        self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"], dead_mask: Tensor | None
+    ) -> tuple[Reconstruction, Float[Tensor, ""]]:
+        """``reconstruct``, through the active pairs alone when few latents fire (see ``sparse_below``)."""
+        pre = self.pre_activations(x)
+        if pre.device.type == "cpu" and pre.numel():
+            with torch.no_grad():
+                active = pre > 0
+                sparse = int(active.sum()) < self.sparse_below * pre.numel()
+            if sparse:  # the dense pre's graph is dropped unused: no backward pass goes through it
+                return self.reconstruct_active(x, pre.detach(), active), pre.new_zeros(())
+        return self.reconstruct(pre), pre.new_zeros(())
+
+    def reconstruct_active(
+        self, x: Float[Tensor, "batch d_in"], pre: Float[Tensor, "batch d_sae"], active: Tensor
+    ) -> Reconstruction:
+        """``reconstruct(pre)`` from the positive pre-activations alone, differentiable through them only."""
+        rows, cols = active.nonzero(as_tuple=True)  # row-major: rows ascend
+        values = selected_pre_activations(self, x, rows, cols, pre[rows, cols])
+        output = bag_sum(rows, len(x), cols, self.W_dec, values, presorted=True) + self.b_dec
+        l1 = (values * self.W_dec.norm(dim=-1)[cols]).sum() / len(x)
+        l0 = torch.bincount(rows, minlength=len(x)).to(pre.dtype)
+        return Reconstruction(output, self.cfg.l1_coefficient * l1, l0, fired_latents(cols, self.cfg.d_sae))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

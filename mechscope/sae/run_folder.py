@@ -1,6 +1,7 @@
 """A training run's folder: ``run.json`` (what the run is), ``metrics.jsonl``, and one atomic
 ``checkpoint.safetensors`` holding everything an exact resume needs (weights, Adam's moments,
-the dead-latent counters, the RNG and every rank's activation-store state). Only rank 0 writes.
+the dead-latent counters, the RNG, the input scaling factor and every rank's activation-store
+state). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mechscope.sae.base import SAE, SAEError
 from mechscope.toys import checkpoint as ckpt
 
 if TYPE_CHECKING:
-    from mechscope.sae.training import BatchStream, LatentTracker
+    from mechscope.sae.training import BatchStream, InputScale, LatentTracker
 
 
 def prepare_run(
@@ -28,6 +29,7 @@ def prepare_run(
     optimizer: torch.optim.Optimizer,
     tracker: LatentTracker,
     stream: BatchStream,
+    scale: InputScale,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Start a fresh run in ``directory`` or continue the one there; returns (step, metrics so far).
 
@@ -43,7 +45,7 @@ def prepare_run(
             )
         check_same_run(json.loads(run_file.read_text(encoding="utf-8")), record, directory)
         if (directory / ckpt.CHECKPOINT_FILE).exists():
-            step = load_state(directory, sae, optimizer, tracker, stream)
+            step = load_state(directory, sae, optimizer, tracker, stream, scale)
     dd.barrier()
     if not dd.is_main():
         return step or 0, []
@@ -69,6 +71,7 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     tracker: LatentTracker,
     stream: BatchStream,
+    scale: InputScale,
 ) -> None:
     """One atomic file with everything a resumed run needs (the layout of the toys' checkpoints, plus more).
 
@@ -87,6 +90,8 @@ def save_state(
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     tensors["latents/tokens_since_fired"] = tracker.tokens_since_fired
+    if scale.factor is not None:
+        tensors["activations/scaling_factor"] = torch.tensor(scale.factor, dtype=torch.float64)
     for r, state in enumerate(states):  # a store's state is flat tensors
         tensors.update({f"{store_prefix(r, len(states))}{k}": v for k, v in state.items()})
     metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"]), "world_size": str(len(states))}
@@ -94,7 +99,12 @@ def save_state(
 
 
 def load_state(
-    directory: Path, sae: SAE, optimizer: torch.optim.Optimizer, tracker: LatentTracker, stream: BatchStream
+    directory: Path,
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    tracker: LatentTracker,
+    stream: BatchStream,
+    scale: InputScale,
 ) -> int:
     """Restore what ``save_state`` wrote; returns the step to continue from."""
     tensors, metadata = ckpt.read_tensors(directory / ckpt.CHECKPOINT_FILE)
@@ -115,6 +125,8 @@ def load_state(
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
     tracker.tokens_since_fired.copy_(tensors["latents/tokens_since_fired"])
+    if "activations/scaling_factor" in tensors:
+        scale.factor = tensors["activations/scaling_factor"].item()
     step = int(metadata["step"])
     prefix = store_prefix(dd.rank(), world)
     stream.resume({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, step)

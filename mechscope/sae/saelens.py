@@ -147,7 +147,7 @@ def load_saelens(
     tensors, _ = read_tensors(directory / WEIGHTS_FILE)
     sae = sae_class(cfg)(cfg)
     _fill(sae, tensors, rescaled)
-    return sae.to(device if device is not None else "cpu")
+    return sae.to(device if device is not None else "cpu").eval()  # BatchTopK infers with its threshold
 
 
 def config_from_saelens(
@@ -157,6 +157,11 @@ def config_from_saelens(
     if not isinstance(raw, dict):
         raise SAEError(f"cfg.json must hold a JSON object, got {type(raw).__name__}")
     meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SAEError(f"cfg.json's metadata must be a JSON object, got {type(meta).__name__}")
+    for name in ("d_in", "d_sae"):
+        if name not in raw:
+            raise SAEError(f"cfg.json has no {name}: not an SAE config")
     architecture, transcoder = _architecture(raw, meta)
     hook = hook_name or meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
     if not isinstance(hook, str):

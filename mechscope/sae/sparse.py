@@ -1,8 +1,9 @@
-"""The sparse paths of TopK-style SAEs: decode and back-propagate through the ``batch × k``
-kept (token, latent) pairs alone, never through a dense ``[batch, d_sae]`` tensor.
+"""Sparse training paths: decode and back-propagate through the active (token, latent) pairs
+alone, never through a dense ``[batch, d_sae]`` tensor.
 
-``gathered_decode`` / ``bag_sum`` sum the kept decoder rows with ``embedding_bag``;
-``SelectedPre`` gives the encoder its gradient through the kept pairs only.
+TopK SAEs always take them (``batch × k`` pairs); ReLU SAEs take them once few enough latents
+fire. ``gathered_decode`` / ``bag_sum`` sum the active decoder rows with ``embedding_bag``;
+``SelectedPre`` gives the encoder its gradient through the active pairs only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -40,13 +41,29 @@ def gathered_decode(
 
 
 def bag_sum(
-    bags: Int[Tensor, " n"], n_bags: int, rows: Int[Tensor, " n"], table: Float[Tensor, "m d"], weights: Tensor
+    bags: Int[Tensor, " n"],
+    n_bags: int,
+    rows: Int[Tensor, " n"],
+    table: Float[Tensor, "m d"],
+    weights: Tensor,
+    *,
+    presorted: bool = False,
 ) -> Float[Tensor, "n_bags d"]:
-    """``out[b] = Σ_{i: bags[i] = b} weights[i] · table[rows[i]]``, without copying the chosen rows."""
-    order = torch.argsort(bags, stable=True)
+    """``out[b] = Σ_{i: bags[i] = b} weights[i] · table[rows[i]]``, without copying the chosen rows.
+
+    ``presorted``: ``bags`` is already in ascending order (as ``nonzero`` returns rows), so no sort.
+    """
+    if not presorted:
+        order = torch.argsort(bags, stable=True)
+        bags, rows, weights = bags[order], rows[order], weights[order]
     offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
     offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
-    return F.embedding_bag(rows[order], table, offsets, per_sample_weights=weights[order].to(table.dtype), mode="sum")
+    return F.embedding_bag(rows, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+def fired_latents(indices: Int[Tensor, " n"], d_sae: int) -> Bool[Tensor, " d_sae"]:
+    """Which latents appear among ``indices``."""
+    return torch.zeros(d_sae, dtype=torch.bool, device=indices.device).index_fill(0, indices, True)
 
 
 class SelectedPre(torch.autograd.Function):
@@ -81,4 +98,5 @@ def selected_pre_activations(
     sae: SAE, x: Float[Tensor, "batch d_in"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"], values: Tensor
 ) -> Float[Tensor, " n"]:
     """``pre[rows, cols]`` (``values``, computed without a graph), differentiable through these pairs only."""
-    return SelectedPre.apply(values, x.to(sae.W_enc.dtype), sae.W_enc, sae.encoder_bias(), rows, cols)
+    centred = sae.encoder_input(x.to(sae.W_enc.dtype))
+    return SelectedPre.apply(values, centred, sae.W_enc, sae.encoder_bias(), rows, cols)

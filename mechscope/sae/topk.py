@@ -19,22 +19,17 @@ kept in each training batch: the model then is a JumpReLU with one threshold for
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.sae.base import SAE, Reconstruction, SAEConfig, SparseLatents, register
-from mechscope.sae.sparse import bag_sum, gathered_decode, selected_pre_activations
+from mechscope.sae.sparse import bag_sum, fired_latents, gathered_decode, selected_pre_activations
 
 
 def topk_latents(pre: Float[Tensor, "*batch d_sae"], k: int) -> SparseLatents:
     """The k largest pre-activations of each example, after ReLU."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return SparseLatents(indices, torch.relu(values))
-
-
-def fired_latents(indices: Int[Tensor, " n"], d_sae: int) -> Bool[Tensor, " d_sae"]:
-    """Which latents appear among ``indices``."""
-    return torch.zeros(d_sae, dtype=torch.bool, device=indices.device).index_fill(0, indices, True)
 
 
 def auxk_loss(

@@ -63,7 +63,7 @@ class TrainSAEConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     seed: int = 0
-    autocast: bool = False  # bf16 autocast, on CUDA only
+    autocast: bool = False  # bfloat16 autocast of the SAE's step (CUDA, or CPU)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
@@ -228,6 +228,30 @@ class LatentTracker:
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
 
+@dataclass
+class InputScale:
+    """SAELens' ``expected_average_only_in``: activations times ``sqrt(d_in) / mean ||x||`` while training.
+
+    The factor is measured on the first batch (over every rank's share), kept in the checkpoint,
+    applied to inputs and targets alike, and folded into the weights when the run ends
+    (``SAE.fold_activation_norm_scaling_factor``), so the saved SAE takes raw activations.
+    """
+
+    wanted: bool
+    factor: float | None = None
+
+    def __call__(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` and ``target`` in training units (unchanged unless wanted)."""
+        if not self.wanted:
+            return x, target
+        if self.factor is None:
+            mean_norm = dd.mean_over_ranks(x.detach().float().norm(dim=-1).mean().reshape(1)).item()
+            if not math.isfinite(mean_norm) or mean_norm <= 0:
+                raise SAEError(f"normalize_activations needs activations with a positive mean norm, got {mean_norm}")
+            self.factor = x.shape[-1] ** 0.5 / mean_norm
+        return x * self.factor, None if target is None else target * self.factor
+
+
 @torch.no_grad()
 def firing_fraction(sae: SAE, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, " d_sae"]:
     """Fraction of the examples of ``x`` on which each latent is active (from the sparse latents)."""
@@ -263,6 +287,11 @@ def train_sae(
     """
     if not isinstance(config, TrainSAEConfig):
         raise SAEError(f"config must be a TrainSAEConfig, got {type(config).__name__}")
+    if sae.W_enc.dtype in (torch.float16, torch.bfloat16):
+        raise SAEError(
+            f"train_sae needs float32 or float64 weights, got {sae.cfg.dtype}: Adam's small updates (and JumpReLU's "
+            "thresholds) are lost in half precision; train in float32 with autocast=True for bfloat16 speed"
+        )
     directory = Path(out)
     device = sae.W_dec.device
     stream = BatchStream(store_or_batches, dd.local_batch_tokens(config.batch_tokens))
@@ -270,7 +299,9 @@ def train_sae(
     dd.broadcast_module(sae)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
     tracker = LatentTracker.fresh(sae.cfg.d_sae, config.dead_after_tokens, device)
-    start, metrics = prepare_run(directory, run_record(sae, config, command), resume, sae, optimizer, tracker, stream)
+    scale = InputScale(sae.cfg.normalize_activations == "expected_average_only_in")
+    record = run_record(sae, config, command)
+    start, metrics = prepare_run(directory, record, resume, sae, optimizer, tracker, stream, scale)
     end = config.steps if until is None else max(start, min(until, config.steps))
     main = dd.is_main()
 
@@ -280,7 +311,7 @@ def train_sae(
     )
     for step in range(start, end):
         x, target = stream.batch(step)
-        x, target = x.to(device), None if target is None else target.to(device)
+        x, target = scale(x.to(device), None if target is None else target.to(device))
         done = step + 1
         logged = done % config.log_every == 0 or done == config.steps
         firing = firing_fraction(sae, x) if logged else None  # measured with the weights the loss sees
@@ -298,18 +329,18 @@ def train_sae(
                 for callback in callbacks:
                     callback(done, sae, entry)
         if done % config.checkpoint_every == 0 or done == end:
-            save_state(directory, done, sae, optimizer, tracker, stream)
+            save_state(directory, done, sae, optimizer, tracker, stream, scale)
         bar.update(1)
     bar.close()
 
     sae.eval()
+    if end == config.steps and scale.factor is not None:
+        sae.fold_activation_norm_scaling_factor(scale.factor)  # the saved SAE reads raw activations
     if end == config.steps and main:
         sae.save(directory)
-        final = {
-            **run_record(sae, config, command),
-            "steps_done": config.steps,
-            "final": metrics[-1] if metrics else {},
-        }
+        final = {**record, "steps_done": config.steps, "final": metrics[-1] if metrics else {}}
+        if scale.factor is not None:
+            final["norm_scaling_factor"] = scale.factor
         ckpt.atomic_write_text(directory / ckpt.RUN_FILE, json.dumps(final, indent=2))
     dd.barrier()  # no rank returns before the folder is complete
     return sae
@@ -327,7 +358,7 @@ def training_step(
     """One optimiser update at ``step``; returns the batch's loss terms (before the update)."""
     for group in optimizer.param_groups:
         group["lr"] = config.lr * config.lr_factor(step)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.autocast and x.is_cuda):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.autocast):
         losses = sae.losses(x, target, dead_mask=dead_mask)
         loss = losses.mse + config.sparsity_scale(step) * losses.sparsity + losses.aux
     optimizer.zero_grad(set_to_none=True)

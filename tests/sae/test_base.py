@@ -51,6 +51,9 @@ def test_config_round_trips_through_dict(d_in, d_sae, architecture, layer, dtype
         ({"d_sae": -3}, "d_sae"),
         ({"d_in": 4.0}, "d_in"),
         ({"d_in": True}, "d_in"),
+        ({"d_in": None}, "d_in"),
+        ({"d_sae": None}, "d_sae"),
+        ({"hook_layer": None}, "hook_layer"),
         ({"architecture": "gated"}, "architecture"),
         ({"architecture": "topk"}, "k"),
         ({"architecture": "topk", "k": 33}, "k"),
@@ -180,8 +183,41 @@ def test_bad_inputs_are_named():
         sae.losses(torch.randn(3, 8), dead_mask=torch.ones(32))
     with pytest.raises(SAEError, match="target"):
         sae.losses(torch.randn(3, 8), torch.randn(4, 8))
+    with pytest.raises(SAEError, match="0 examples"):
+        sae.losses(torch.randn(0, 8))
+
+
+def test_centring_keeps_float32_precision_under_a_large_offset():
+    """``(x - b_dec) @ W_enc`` as SAELens orders it: folding ``b_dec @ W_enc`` into the bias instead
+    subtracts two numbers of the offset's size, losing precision in proportion to it."""
+    generator = torch.Generator().manual_seed(0)
+    sae = build_sae(config(d_in=256, d_sae=512), seed=0)
+    offset = torch.randn(256, generator=generator) * 3000 / 16  # norm about 3,000, like GPT-2's outlier dimensions
+    x = offset + torch.randn(64, 256, generator=generator)
+    with torch.no_grad():
+        sae.b_dec.copy_(offset)
+        sae.b_enc.normal_(generator=generator)
+    exact = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+    folded = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
+    ours = sae.pre_activations(x)
+    assert (ours.double() - exact).abs().max() < 1e-4 < (folded.double() - exact).abs().max()
 
 
 def test_base_class_has_no_activation():
     with pytest.raises(NotImplementedError):
         SAE(config()).encode(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@given(factor=st.floats(0.01, 100), seed=st.integers(0, 1000), centred=st.booleans())
+@settings(max_examples=8, deadline=None)
+def test_folding_a_scaling_factor_takes_raw_activations(architecture, factor, seed, centred):
+    """SAE(f·x) / f before the fold equals SAE(x) after it, with the same latents (SAELens' fold)."""
+    sae = random_sae(architecture, seed=seed, dtype="float64", apply_b_dec_to_input=centred)
+    sae.cfg.normalize_activations = "expected_average_only_in"
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    latents, output = sae.encode(factor * x), sae(factor * x) / factor
+    sae.fold_activation_norm_scaling_factor(factor)
+    torch.testing.assert_close(sae.encode(x), latents, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sae(x), output, rtol=1e-9, atol=1e-9)
+    assert sae.cfg.normalize_activations == "none"

@@ -59,3 +59,41 @@ def test_training_steps_lower_the_loss():
         sae.losses(x).total.backward()
         optimizer.step()
     assert float(sae.losses(x).total.detach()) < first
+
+
+@given(shift=st.floats(-4, 0.5), batch=st.integers(1, 40), seed=st.integers(0, 1000), centred=st.booleans())
+@settings(max_examples=15, deadline=None)
+def test_the_sparse_training_path_equals_the_dense_one(shift, batch, seed, centred):
+    """Through the active pairs alone (float64): the same loss terms, L0, firing and every gradient."""
+    results = []
+    for sparse_below in (0.0, 1.0):  # never sparse, always sparse
+        sae = random_sae("relu", seed=seed, dtype="float64", l1_coefficient=0.3, apply_b_dec_to_input=centred)
+        sae.sparse_below = sparse_below
+        with torch.no_grad():
+            sae.b_enc.add_(shift)  # from most latents active down to none
+        x = torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        losses = sae.losses(x)
+        losses.total.backward()
+        results.append((losses, {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    for term in ("mse", "sparsity", "total", "l0"):
+        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-12, atol=1e-12)
+    assert torch.equal(sparse.fired, dense.fired)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_sparse_path_is_taken_only_below_its_density():
+    """A spy on ``reconstruct_active``: few active pairs take it, many do not."""
+    sae = random_sae("relu")
+    calls = []
+    original = sae.reconstruct_active
+    sae.reconstruct_active = lambda *args: calls.append(1) or original(*args)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    density = float((sae.encode(x) > 0).float().mean())
+    sae.sparse_below = density * 0.9
+    sae.losses(x)
+    assert calls == []
+    sae.sparse_below = density * 1.1
+    sae.losses(x)
+    assert calls == [1]

@@ -218,6 +218,27 @@ def test_bad_directories_are_named(tmp_path):
         load_saelens(write_saelens(tmp_path / "neg", "jumprelu", {**w, "threshold": -torch.ones(20)}))
     with pytest.raises(SAEError, match="normalize_activations"):
         load_saelens(write_saelens(tmp_path / "ln", "standard", w, normalize_activations="layer_norm"))
+    with pytest.raises(SAEError, match="metadata must be a JSON object"):
+        load_saelens(write_saelens(tmp_path / "meta", "standard", w, metadata=["blocks.2.hook_resid_pre"]))
+    for name in ("d_in", "d_sae"):
+        directory = write_saelens(tmp_path / name, "standard", w)
+        cfg = json.loads((directory / CFG_FILE).read_text())
+        del cfg[name]
+        (directory / CFG_FILE).write_text(json.dumps(cfg))
+        with pytest.raises(SAEError, match=f"no {name}"):
+            load_saelens(directory)
     tc = saelens_weights(d_out=4)
     with pytest.raises(SAEError, match="output_hook_name"):
         load_saelens(write_saelens(tmp_path / "tc", "transcoder", tc, d_out=4, apply_b_dec_to_input=False))
+
+
+def test_a_loaded_batchtopk_sae_infers_with_its_threshold(tmp_path):
+    """Loading gives an SAE in eval mode: a BatchTopK's latents then do not depend on the rest of the batch."""
+    sae = random_sae("batchtopk", k=3)
+    with torch.no_grad():
+        sae.threshold.fill_(0.2)
+    sae.save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    assert not loaded.training
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.encode(x)[:1], loaded.encode(x[:1]))

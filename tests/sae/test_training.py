@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -200,10 +201,47 @@ def test_a_step_projects_the_decoder_gradient_then_renormalises(architecture):
     torch.testing.assert_close(sae.W_dec.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_is_a_no_op_off_cuda(tmp_path):
-    a = train_sae(build_sae(sae_config()), sparse_stream, config(), tmp_path / "a", progress=False)
-    b = train_sae(build_sae(sae_config()), sparse_stream, config(autocast=True), tmp_path / "b", progress=False)
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_autocast_trains_in_bfloat16_on_cpu_too(tmp_path, architecture):
+    """bf16 matmuls change the weights a little (so autocast is on) and the fit hardly at all."""
+    a = train_sae(build_sae(sae_config(architecture)), sparse_stream, config(), tmp_path / "a", progress=False)
+    b = train_sae(
+        build_sae(sae_config(architecture)), sparse_stream, config(autocast=True), tmp_path / "b", progress=False
+    )
+    assert b.W_dec.dtype == torch.float32
+    assert not all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    fvu_a, fvu_b = (ckpt.read_metrics(tmp_path / run)[-1]["fvu"] for run in "ab")
+    assert abs(fvu_a - fvu_b) < 0.05 * fvu_a
+
+
+# ------------------------------------------------------------------ activation normalisation
+def test_normalised_training_is_training_on_scaled_activations_folded_at_the_end(tmp_path):
+    """expected_average_only_in equals a plain run on f·x (f = sqrt(d_in) / the first batch's mean norm), folded."""
+
+    def loud(step):
+        return 40.0 * sparse_stream(step)
+
+    normalised = sae_config(normalize_activations="expected_average_only_in")
+    a = train_sae(build_sae(normalised), loud, config(), tmp_path / "a", progress=False)
+    factor = json.loads((tmp_path / "a" / ckpt.RUN_FILE).read_text())["norm_scaling_factor"]
+    torch.testing.assert_close(torch.tensor(factor), 8**0.5 / loud(0).norm(dim=-1).mean(), rtol=1e-6, atol=0)
+    b = train_sae(build_sae(sae_config()), lambda step: loud(step) * factor, config(), tmp_path / "b", progress=False)
+    x = loud(123)
+    torch.testing.assert_close(a(x), b(x * factor) / factor, rtol=1e-4, atol=1e-4)
+    assert a.cfg.normalize_activations == "none"
+    saved = SAE.load(tmp_path / "a")
+    assert saved.cfg.normalize_activations == "none"
+    torch.testing.assert_close(saved(x), a(x))
+
+
+def test_a_normalised_run_resumes_with_its_factor(tmp_path):
+    """The factor is checkpointed: re-measuring it on the resumed run's first batch would change every weight."""
+    normalised = sae_config(normalize_activations="expected_average_only_in")
+    batches = [(1.0 + s) * sparse_stream(s) for s in range(40)]  # each batch louder than the last
+    whole = train_sae(build_sae(normalised), batches, config(), tmp_path / "whole", progress=False)
+    train_sae(build_sae(normalised), batches, config(), tmp_path / "paused", until=13, progress=False)
+    resumed = train_sae(build_sae(normalised), batches, config(), tmp_path / "paused", resume=True, progress=False)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
 
 
 # ------------------------------------------------------------------ dead latents
@@ -273,6 +311,14 @@ def test_an_existing_run_is_never_overwritten_and_other_settings_are_named(tmp_p
         train_sae(build_sae(sae_config()), sparse_stream, config(lr=1e-3), tmp_path, resume=True, progress=False)
     with pytest.raises(SAEError, match=r"sae\.k: 3 in the folder, 4 now"):
         train_sae(build_sae(sae_config(k=4)), sparse_stream, config(), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_are_refused_with_the_alternative(tmp_path, dtype):
+    with pytest.raises(SAEError, match=f"got {dtype}.*autocast=True"):
+        train_sae(build_sae(sae_config(dtype=dtype)), sparse_stream, config(), tmp_path, progress=False)
+    assert not tmp_path.joinpath(ckpt.RUN_FILE).exists()
 
 
 @pytest.mark.bad_input
