@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +47,18 @@ def train(
     ] = "none",
     autocast: Annotated[bool, typer.Option(help="bfloat16 autocast of the SAE's step")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="cache activations here and train from the cache")] = None,
+    cache_tokens: Annotated[
+        int | None, typer.Option(help="activations to cache in --cache-dir (default: --tokens)", min=1)
+    ] = None,
+    buffer_batches: Annotated[
+        int | None, typer.Option(help="batches in the shuffle buffer (default: 256 contexts' worth, at least 8)", min=1)
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="steps between checkpoints (default: 1/20 of the run, at most 1000)", min=1)
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help="steps between metrics lines (default: 1/100 of the run, at most 100)", min=1)
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in OUT after an interruption")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     distributed: Annotated[
@@ -54,6 +68,7 @@ def train(
     """Train an SAE (or a transcoder) on one hook point; saved in OUT in the SAELens format."""
     from mechscope.sae import SAEConfig, TrainSAEConfig, build_sae, train_sae
     from mechscope.sae.distributed import close_distributed, init_distributed, is_main, rank_store
+    from mechscope.sae.run_folder import RunExistsError
 
     loaded = load_transformer(model, "training text", "mechscope.sae.train_sae(sae, store, config, out)")
     try:
@@ -85,12 +100,26 @@ def train(
             seed=seed,
             output_hook_name=output_hook,
             cache_dir=cache_dir,
+            cache_tokens=cache_tokens or tokens,  # the cache holds the run's activations
+            buffer_batches=buffer_batches,
         )
-        config = TrainSAEConfig(total_tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, autocast=autocast)
+        steps = tokens // batch_tokens
+        config = TrainSAEConfig(
+            total_tokens=tokens,
+            batch_tokens=batch_tokens,
+            lr=lr,
+            seed=seed,
+            autocast=autocast,
+            checkpoint_every=checkpoint_every or min(1000, max(1, steps // 20)),  # a kill loses at most 1/20
+            log_every=log_every or min(100, max(1, steps // 100)),
+        )
         sae = build_sae(cfg, seed=seed, device=device)
         main = is_main()  # asked before the process group closes
-        train_sae(sae, store, config, out, resume=resume, progress=progress and main)
-    except (ValueError, KeyError, FileNotFoundError) as error:
+        command = shlex.join(["mechscope", *sys.argv[1:]])
+        train_sae(sae, store, config, out, resume=resume, progress=progress and main, command=command)
+    except RunExistsError:
+        fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    except (ValueError, KeyError, OSError) as error:
         fail(error)
     finally:
         close_distributed()

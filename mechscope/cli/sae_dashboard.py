@@ -36,6 +36,7 @@ def dashboard(
     from mechscope.viz.dashboard import write_dashboard
     from mechscope.viz.prompts import decoder
 
+    check_out(out)
     loaded = load_transformer(model, "the text", "mechscope.sae.features.feature_statistics(model, sae, tokens)")
     try:
         sae = SAE.load(directory)
@@ -47,7 +48,7 @@ def dashboard(
             ranked = sorted((f for f in stats.features if f.firings), key=lambda f: -f.frequency)
             stats = stats.select([f.index for f in ranked[:top_features]])
         path = write_dashboard(out, stats, decoder(loaded), title=f"SAE features: {directory.name}")
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    except (ValueError, KeyError, OSError) as error:
         fail(error)
     typer.echo(f"wrote {len(stats.features)} feature pages; open {path}")
 
@@ -60,3 +61,11 @@ def parse_features(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--features must be comma-separated integers such as 0,5,9, got {text!r}") from None
+
+
+def check_out(out: Path) -> None:
+    """Fail before any work when ``out`` (or a folder above it) is a file: the pages need a folder."""
+    existing = next((path for path in [out, *out.parents] if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = f"--out {out} is a file" if existing == out else f"--out {out}: {existing} is a file"
+        fail(f"{where}, but the dashboard needs a folder for index.html and its pages")

@@ -1,10 +1,13 @@
 """The activation store: a hook point's activations, streamed from a model into shuffled batches.
 
-Token rows go through the model only as far as the hook (``stop_at_layer``), positions holding a
-BOS, EOS or padding token (or masked out) are dropped (their activations are outliers), and the
-rest fill a buffer of ``buffer_batches * batch_tokens`` rows, which is shuffled and handed out a
-batch at a time; when it is empty the next buffer is filled. Nothing else is held: the buffer is
-never larger than that, and the model runs ``forward_rows`` token rows at a time.
+Token rows go through the model only as far as the hook (``stop_at_layer``; after the last block,
+``ln_final`` but never the unembedding), positions holding a BOS, EOS or padding token (or masked
+out) are dropped (their activations are outliers), and the rest fill a buffer of
+``buffer_batches * batch_tokens`` rows, which is shuffled and handed out a batch at a time; when it
+is empty the next buffer is filled. Nothing else is held: the buffer is never larger than that, and
+the model runs ``forward_rows`` token rows at a time. By default the buffer holds at least
+``MIN_BUFFER_SEQUENCES`` sequences' worth of rows (and 8 batches), so that a batch mixes many
+contexts even when one context is as long as a batch.
 
 Resuming is exact: ``state_dict()`` records where the current buffer's tokens started and the
 shuffle generator's state before it was drawn, plus how many batches it has handed out; a fresh
@@ -14,12 +17,16 @@ With ``cache_dir`` the store first writes ``cache_tokens`` activations there (in
 ``shard_tokens`` rows per safetensors shard, each written to a temporary file and renamed, then
 ``cache.json`` last), and from then on (and in any later store on that directory) reads shards
 instead of running the model, in a new shard order each epoch, through the same shuffle buffer.
+``cache.json`` holds a fingerprint of what was cached (the model's shape and a hash of its config
+and weights, the context, the token source where it can be named); a store whose own differs is
+refused, naming the difference.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +51,7 @@ Batch = (
 Row = tuple[Int[Tensor, " seq"], Int[Tensor, " seq"] | None]  # tokens and their attention mask (None: all real)
 MANIFEST = "cache.json"
 NOT_POSITIONAL = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: no one row per position
+MIN_BUFFER_SEQUENCES = 256  # the default buffer spans at least this many contexts, so batches mix them
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -138,16 +146,27 @@ class ModelStream:
         tokens, mask = stack(rows)
         device = next(self.model.parameters()).device
         options = {} if mask is None else {"attention_mask": mask.to(device)}
-        _, cache = self.model.run_with_cache(
-            tokens.to(device),
-            return_type=None if self.stop is not None else "logits",  # None would stop before ln_final
-            names_filter=self.hooks,
-            stop_at_layer=self.stop,
-            device=self.device,
-            **options,
-        )
+        acts = self.activations(tokens.to(device), options)
         kept = self.keep(tokens, mask).to(self.device)
-        return [cache[name].flatten(2)[kept] for name in self.hooks]
+        return [acts[name].to(self.device).flatten(2)[kept] for name in self.hooks]
+
+    def activations(self, tokens: Int[Tensor, "rows seq"], options: dict[str, Any]) -> dict[str, Tensor]:
+        """Each hook's activations; past the last block ``ln_final`` runs alone, never the unembedding."""
+        final = [name for name in self.hooks if name.startswith("ln_final.")]
+        last = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
+        names = list(dict.fromkeys([name for name in self.hooks if name not in final] + ([last] if final else [])))
+        _, cache = self.model.run_with_cache(
+            tokens, return_type=None, names_filter=names, stop_at_layer=self.stop, **options
+        )  # return_type=None: the blocks only (stop_at_layer stops earlier still)
+        acts = {name: cache[name] for name in names}
+        if final:  # what forward does after the blocks, without the logits
+
+            def save(activation: Tensor, hook: Any) -> None:
+                acts[hook.name] = activation
+
+            with self.model.hooks(fwd_hooks=[(final, save)]):
+                self.model.ln_final(acts[last].to(self.model.W_U.device))
+        return acts
 
     def state_dict(self) -> dict[str, Tensor]:
         source = self.rows.state_dict() if hasattr(self.rows, "state_dict") else {}
@@ -214,14 +233,17 @@ class ShardStream:
         self.epoch, self.index, self.offset = (int(state[k]) for k in ("epoch", "index", "offset"))
 
 
-def write_cache(stream: ModelStream, directory: Path, n_rows: int, shard_tokens: int) -> dict[str, Any]:
+def write_cache(
+    stream: ModelStream, directory: Path, n_rows: int, shard_tokens: int, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
     """Write ``n_rows`` activations (fewer if the tokens end) as shards, then the manifest, each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
-    shards, written = [], 0
+    shards, written, d_in = [], 0, None
     while written < n_rows:
         acts = stream.read(min(shard_tokens, n_rows - written))
         if len(acts[0]) == 0:
             break
+        d_in = int(acts[0].shape[1])
         name = f"shard_{len(shards):05d}.safetensors"
         atomic_save_tensors(directory / name, dict(zip(["x", "y"], acts, strict=False)))
         shards.append({"file": name, "rows": len(acts[0])})
@@ -229,11 +251,13 @@ def write_cache(stream: ModelStream, directory: Path, n_rows: int, shard_tokens:
     if not shards:
         raise SAEError("the token source gave no activations to cache")
     manifest = {
-        "version": 1,
+        "version": 2,
         "hook_name": stream.hooks[0],
         "n_rows": written,
+        "d_in": d_in,
         "shards": shards,
         "output_hook_name": stream.hooks[1] if len(stream.hooks) > 1 else None,
+        "fingerprint": fingerprint,
     }
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
@@ -246,7 +270,9 @@ class ActivationStore:
     anything :func:`token_source` reads (then tokenised with the model's tokenizer). Positions whose
     token is in ``drop_tokens`` (default: the tokenizer's BOS, EOS and padding ids) or masked out give
     no activations. ``forward_rows`` token rows go through the model at once (default
-    ``batch_tokens // context``). See the module docstring for ``cache_dir``.
+    ``batch_tokens // context``). ``buffer_batches`` defaults to enough batches for
+    ``MIN_BUFFER_SEQUENCES`` contexts (at least 8). See the module docstring for ``cache_dir``.
+    ``data_settings`` is what a training run records about this data (and checks on resume).
     """
 
     def __init__(
@@ -257,7 +283,7 @@ class ActivationStore:
         *,
         batch_tokens: int,
         context: int,
-        buffer_batches: int = 8,
+        buffer_batches: int | None = None,
         seed: int = 0,
         device: torch.device | str | None = None,
         output_hook_name: str | None = None,
@@ -268,18 +294,23 @@ class ActivationStore:
         drop_tokens: list[int] | None = None,
     ) -> None:
         for name, value in (("batch_tokens", batch_tokens), ("context", context), ("buffer_batches", buffer_batches)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise SAEError(f"{name} must be at least 1, got {value}")
+        buffer_batches = buffer_batches or max(8, math.ceil(MIN_BUFFER_SEQUENCES * context / batch_tokens))
         n_ctx = model.cfg.n_ctx
         if context > n_ctx:
             raise SAEError(f"context={context} is longer than the model's context length n_ctx={n_ctx}")
-        self.hooks = [check_hook(model, hook_name)] + (
-            [check_hook(model, output_hook_name)] if output_hook_name else []
-        )
+        self.hooks = [check_hook(model, name) for name in (hook_name, output_hook_name) if name]
         self.batch_tokens, self.buffer_rows = batch_tokens, buffer_batches * batch_tokens
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.generator = torch.Generator().manual_seed(seed)
-        self.stream = self._model_stream(model, tokens, context, seed, forward_rows, drop_tokens)
+        if tokens is not None and not isinstance(tokens, Iterator):
+            tokens = token_source(tokens, tokenizer=getattr(model, "tokenizer", None), seq_len=context, seed=seed)
+        described = tokens.describe() if isinstance(tokens, TokenSource) else {}
+        self.fingerprint = {**model_fingerprint(model), "context": context, **described}
+        self.data_settings = {**self.fingerprint, "hooks": self.hooks, "seed": seed, "buffer_rows": self.buffer_rows}
+        self.data_settings["cache_dir"] = None if cache_dir is None else str(cache_dir)
+        self.stream = self._model_stream(model, tokens, context, forward_rows, drop_tokens)
         if cache_dir is not None:
             self.stream = self._cache(Path(cache_dir), cache_tokens, shard_tokens, seed)
         if self.stream is None:
@@ -290,12 +321,10 @@ class ActivationStore:
         self._start: tuple[dict[str, Tensor], Tensor] | None = None  # (stream, generator) state before this buffer
 
     # ------------------------------------------------------------ setup
-    def _model_stream(self, model, tokens, context, seed, forward_rows, drop_tokens) -> ModelStream | None:
+    def _model_stream(self, model, tokens, context, forward_rows, drop_tokens) -> ModelStream | None:
         tokenizer = getattr(model, "tokenizer", None)
         if tokens is None:
             return None
-        if not isinstance(tokens, Iterator):
-            tokens = token_source(tokens, tokenizer=tokenizer, seq_len=context, seed=seed)
         if drop_tokens is None:
             drop_tokens = [] if tokenizer is None else special_ids(tokenizer)
         forward_rows = forward_rows if forward_rows is not None else max(1, self.batch_tokens // context)
@@ -319,10 +348,19 @@ class ActivationStore:
                 f"cache_tokens (how many activation rows to cache, at least 1), got {cache_tokens}"
             )
         else:
-            manifest = write_cache(self.stream, directory, cache_tokens, shard_tokens)
+            manifest = write_cache(self.stream, directory, cache_tokens, shard_tokens, self.fingerprint)
         cached = [manifest["hook_name"]] + ([manifest["output_hook_name"]] if manifest["output_hook_name"] else [])
         if cached != self.hooks:
             raise SAEError(f"cache_dir {directory} caches {cached}, not the hooks asked for: {self.hooks}")
+        stored = manifest.get("fingerprint", {})
+        differences = [
+            f"{k}: {stored.get(k)!r} in the cache, {v!r} now" for k, v in self.fingerprint.items() if stored.get(k) != v
+        ]
+        if differences:
+            raise SAEError(
+                f"cache_dir {directory} was written for other data ({'; '.join(differences)}): "
+                "choose another cache_dir, or delete this one to cache again"
+            )
         return ShardStream(directory, manifest, seed, self.device)
 
     # ------------------------------------------------------------ batches
@@ -394,6 +432,14 @@ def check_hook(model: nn.Module, name: str) -> str:
     if name.endswith(NOT_POSITIONAL):
         raise SAEError(f"hook_name {name!r} is indexed by query and key positions; SAEs read one vector per position")
     return name
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Which model made some activations: its shape, and a hash of its config and the first values of each weight."""
+    digest = hashlib.sha256(model.cfg.to_json().encode())
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return {"d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers, "model_sha256": digest.hexdigest()[:16]}
 
 
 def special_ids(tokenizer: Any) -> list[int]:

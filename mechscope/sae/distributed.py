@@ -227,6 +227,9 @@ class ShardedSource(TokenSource):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.source.load_state_dict(state)
 
+    def describe(self) -> dict[str, Any]:
+        return self.source.describe() if hasattr(self.source, "describe") else {}
+
 
 def rank_store(
     model: nn.Module,
@@ -237,6 +240,7 @@ def rank_store(
     context: int,
     seed: int = 0,
     cache_dir: Path | str | None = None,
+    cache_tokens: int | None = None,
     rank_and_world: tuple[int, int] | None = None,
     **options: Any,
 ) -> ActivationStore:
@@ -244,10 +248,12 @@ def rank_store(
 
     ``tokens`` is what :func:`token_source` reads (``"language"``, a file, a token tensor, a
     function) or an iterator of rows; every rank must pass the same. ``cache_dir`` gets one
-    folder per rank (``rank{r}-of-{world}``). ``rank_and_world`` overrides the process group's
-    (to harvest one rank's share in a single process). Other options go to ``ActivationStore``.
+    folder per rank (``rank{r}-of-{world}``), each caching its share of ``cache_tokens`` (the
+    ranks' total). ``rank_and_world`` overrides the process group's (to harvest one rank's share
+    in a single process). Other options go to ``ActivationStore``.
     """
     rank_, world = rank_and_world if rank_and_world is not None else (rank(), world_size())
+    shared_cache = None if cache_dir is None else str(cache_dir)
     if not isinstance(tokens, Iterator):
         tokens = token_source(tokens, tokenizer=getattr(model, "tokenizer", None), seq_len=context, seed=seed)
     if world > 1:
@@ -255,7 +261,7 @@ def rank_store(
         # a plain iterator cannot seek: hand it over as one, so the store resumes by skipping rows
         tokens = sharded if hasattr(tokens, "load_state_dict") else (row for row in sharded)
         cache_dir = None if cache_dir is None else Path(cache_dir) / f"rank{rank_}-of-{world}"
-    return ActivationStore(
+    store = ActivationStore(
         model,
         hook_name,
         tokens,
@@ -263,5 +269,8 @@ def rank_store(
         context=context,
         seed=seed,
         cache_dir=cache_dir,
+        cache_tokens=None if cache_tokens is None else -(-cache_tokens // world),
         **options,
     )
+    store.data_settings["cache_dir"] = shared_cache  # the folder asked for: the same on every rank
+    return store

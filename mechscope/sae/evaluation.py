@@ -20,6 +20,10 @@ tokens):
 
 A transcoder reads ``hook_name`` and its output replaces ``output_hook_name``; "x" above is then
 that hook's activations.
+
+The tokens go through the model ``batch_size`` sequences at a time: a first pass (stopped after the
+hooks) gathers the activations, and with them the mean for mean-ablation; a second sums each run's
+per-token losses and KL divergences, so only one chunk's logits are ever held.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from mechscope.model.transformer import next_token_loss
-from mechscope.sae.activations import check_hook, special_ids
+from mechscope.sae.activations import check_hook, special_ids, stop_layer
 from mechscope.sae.base import SAE, SAEError
 
 Replacement = Callable[[Float[Tensor, "kept d_in"]], Float[Tensor, "kept d_out"]]
@@ -82,51 +87,68 @@ def evaluate_sae(
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     drop_tokens: list[int] | None = None,
     dense_threshold: float = 0.1,
+    batch_size: int = 8,
 ) -> SAEMetrics:
-    """Metrics of ``sae`` on ``tokens`` run through ``model``.
+    """Metrics of ``sae`` on ``tokens`` run through ``model``, ``batch_size`` sequences at a time.
 
     ``drop_tokens`` are the ids whose positions are excluded (default: the tokenizer's BOS, EOS
-    and padding ids, as the activation store does); masked-out positions are excluded too.
+    and padding ids, as the activation store does); masked-out positions are excluded too. Only
+    one chunk's logits are ever held, so memory grows with ``batch_size``, not with ``tokens``.
     """
-    if not 0 < dense_threshold <= 1:
-        raise SAEError(f"dense_threshold must lie in (0, 1], got {dense_threshold!r}")
+    check_tokens(tokens, attention_mask, min_positions=2)
+    check_settings(dense_threshold, batch_size)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     keep = kept_positions(model, tokens, attention_mask, drop_tokens)
-    x_hook, y_hook = hook_names(model, sae)
-    clean_logits, acts = run_and_capture(model, tokens, attention_mask, [x_hook, y_hook])
-    x, y = acts[x_hook].flatten(2)[keep], acts[y_hook].flatten(2)[keep]
+    hooks = hook_names(model, sae)
+    chunks = [slice(start, start + batch_size) for start in range(0, len(tokens), batch_size)]
+    x, y = hook_activations(model, tokens, attention_mask, keep, hooks, chunks)
     was_training = sae.training
     sae.eval()
     try:
         reconstruction = reconstruction_metrics(sae, x, y, dense_threshold)
-        y_mean = y.float().mean(0)
-        runs = {
-            "spliced": lambda inputs: sae(inputs.to(sae.W_enc.device)),
-            "zero_ablated": lambda inputs: torch.zeros_like(y_mean).expand(len(inputs), -1),
-            "mean_ablated": lambda inputs: y_mean.expand(len(inputs), -1),
-        }
-        ce, kl = {}, 0.0
-        for name, replacement in runs.items():  # one set of logits at a time: they are the largest tensors here
-            logits = spliced_logits(model, tokens, attention_mask, keep, x_hook, y_hook, replacement)
-            ce[name] = next_token_loss(logits, tokens, attention_mask).item()
-            if name == "spliced":
-                kl = kl_divergence(clean_logits[keep], logits[keep]).mean().item()
-            del logits
+        ce, kl = downstream_losses(model, sae, tokens, attention_mask, keep, hooks, y.float().mean(0), chunks)
     finally:
         sae.train(was_training)
-    clean = next_token_loss(clean_logits, tokens, attention_mask).item()
     return SAEMetrics(
         **reconstruction,
-        ce_loss_clean=clean,
+        ce_loss_clean=ce["clean"],
         ce_loss_spliced=ce["spliced"],
         ce_loss_zero_ablated=ce["zero_ablated"],
         ce_loss_mean_ablated=ce["mean_ablated"],
-        ce_loss_recovered=recovered(clean, ce["spliced"], ce["zero_ablated"]),
-        ce_loss_recovered_mean=recovered(clean, ce["spliced"], ce["mean_ablated"]),
+        ce_loss_recovered=recovered(ce["clean"], ce["spliced"], ce["zero_ablated"]),
+        ce_loss_recovered_mean=recovered(ce["clean"], ce["spliced"], ce["mean_ablated"]),
         kl_spliced=kl,
     )
+
+
+def check_tokens(tokens: Any, attention_mask: Any = None, min_positions: int = 1) -> None:
+    """Token ids ``[n, seq]`` (at least ``min_positions`` per row) and, if given, a mask of their shape."""
+    if (
+        not isinstance(tokens, Tensor)
+        or tokens.ndim != 2
+        or tokens.numel() == 0
+        or tokens.is_floating_point()
+        or tokens.is_complex()
+        or tokens.dtype == torch.bool
+    ):
+        got = f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise SAEError(f"tokens must be a non-empty integer tensor [n, seq], got {got}")
+    if tokens.shape[1] < min_positions:
+        raise SAEError(f"tokens need at least {min_positions} positions per sequence, got {list(tokens.shape)}")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != tokens.shape):
+        got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise SAEError(f"attention_mask must have the shape of tokens {list(tokens.shape)}, got {got}")
+
+
+def check_settings(dense_threshold: Any, batch_size: Any) -> None:
+    """``dense_threshold`` in (0, 1] and ``batch_size`` a positive int, named in the error."""
+    number = isinstance(dense_threshold, (int, float)) and not isinstance(dense_threshold, bool)
+    if not number or not 0 < dense_threshold <= 1:
+        raise SAEError(f"dense_threshold must lie in (0, 1], got {dense_threshold!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SAEError(f"batch_size must be a positive int (sequences per forward pass), got {batch_size!r}")
 
 
 def kept_positions(
@@ -139,7 +161,7 @@ def kept_positions(
     if drop_tokens is None:
         tokenizer = getattr(model, "tokenizer", None)
         drop_tokens = [] if tokenizer is None else special_ids(tokenizer)
-    keep = ~torch.isin(tokens, torch.tensor(drop_tokens, dtype=torch.long, device=tokens.device))
+    keep = ~torch.isin(tokens, torch.as_tensor(drop_tokens, dtype=torch.long, device=tokens.device))
     if attention_mask is not None:
         keep &= attention_mask.bool()
     if not keep.any():
@@ -153,17 +175,105 @@ def hook_names(model: nn.Module, sae: SAE) -> tuple[str, str]:
     return x_hook, check_hook(model, sae.cfg.output_hook_name) if sae.cfg.is_transcoder else x_hook
 
 
-def run_and_capture(
-    model: nn.Module, tokens: Tensor, attention_mask: Tensor | None, names: list[str]
-) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
-    """Clean logits, and the activations of ``names``, from one forward pass."""
+def check_order(fired: list[str], x_hook: str, y_hook: str) -> None:
+    """A transcoder's output must be spliced downstream of its input, or its input would not exist yet."""
+    if x_hook != y_hook and fired.index(y_hook) < fired.index(x_hook):
+        raise SAEError(
+            f"output_hook_name {y_hook!r} runs before hook_name {x_hook!r}: "
+            "a transcoder must write downstream of where it reads"
+        )
+
+
+def hook_activations(
+    model: nn.Module,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    keep: Bool[Tensor, "batch pos"],
+    hooks: tuple[str, str],
+    chunks: list[slice],
+) -> tuple[Float[Tensor, "kept d_in"], Float[Tensor, "kept d_out"]]:
+    """The SAE's inputs and targets at kept positions, chunk by chunk."""
+    x_hook, y_hook = hooks
+    xs, ys = [], []
+    for chunk in chunks:
+        mask = None if attention_mask is None else attention_mask[chunk]
+        acts = capture(model, tokens[chunk], mask, keep[chunk], [x_hook, y_hook])
+        check_order(list(acts), x_hook, y_hook)
+        xs.append(acts[x_hook])
+        ys.append(acts[y_hook])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def capture(
+    model: nn.Module, tokens: Tensor, attention_mask: Tensor | None, keep: Bool[Tensor, "batch pos"], names: list[str]
+) -> dict[str, Tensor]:
+    """Each named hook's activations at kept positions, in the order the hooks fire; the pass stops after them."""
     acts: dict[str, Tensor] = {}
 
     def save(activation: Tensor, hook: Any) -> None:
-        acts[hook.name] = activation.detach()
+        acts[hook.name] = activation.detach().flatten(2)[keep]
 
-    logits = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=[(sorted(set(names)), save)])
-    return logits, acts
+    model.run_with_hooks(
+        tokens,
+        return_type=None,
+        attention_mask=attention_mask,
+        stop_at_layer=stop_layer(names),
+        fwd_hooks=[(sorted(set(names)), save)],
+    )
+    return acts
+
+
+def downstream_losses(
+    model: nn.Module,
+    sae: SAE,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    keep: Bool[Tensor, "batch pos"],
+    hooks: tuple[str, str],
+    y_mean: Float[Tensor, " d_out"],
+    chunks: list[slice],
+) -> tuple[dict[str, float], float]:
+    """Mean next-token loss of the clean, spliced and ablated runs, and mean KL(clean || spliced) at
+    kept positions: per-token sums gathered chunk by chunk, one chunk's logits at a time."""
+    runs: dict[str, Replacement] = {
+        "spliced": lambda inputs: sae(inputs.to(sae.W_enc.device)),
+        "zero_ablated": lambda inputs: torch.zeros_like(y_mean).expand(len(inputs), -1),
+        "mean_ablated": lambda inputs: y_mean.expand(len(inputs), -1),
+    }
+    loss = dict.fromkeys(["clean", *runs], 0.0)
+    kl, pairs = 0.0, 0
+    for chunk in chunks:
+        rows, mask, kept = tokens[chunk], None if attention_mask is None else attention_mask[chunk], keep[chunk]
+        clean = model(rows, attention_mask=mask)
+        loss["clean"] += loss_sum(clean, rows, mask)
+        clean_log_p = clean[kept].float().log_softmax(-1)
+        del clean
+        for name, replacement in runs.items():
+            logits = spliced_logits(model, rows, mask, kept, *hooks, replacement)
+            loss[name] += loss_sum(logits, rows, mask)
+            if name == "spliced":
+                kl += kl_sum(clean_log_p, logits[kept])
+            del logits
+        pairs += next_token_pairs(rows, mask)
+    return {name: total / max(pairs, 1) for name, total in loss.items()}, max(kl / int(keep.sum()), 0.0)
+
+
+def loss_sum(logits: Float[Tensor, "batch pos d_vocab"], tokens: Tensor, attention_mask: Tensor | None) -> float:
+    """Summed next-token loss over the counted pairs (real token followed by a real token)."""
+    return next_token_loss(logits, tokens, attention_mask, per_token=True).double().sum().item()
+
+
+def next_token_pairs(tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None) -> int:
+    """How many (position, next position) pairs the next-token loss counts."""
+    if attention_mask is None:
+        return tokens.shape[0] * (tokens.shape[1] - 1)
+    return int((attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).sum())
+
+
+def kl_sum(clean_log_p: Float[Tensor, "kept d_vocab"], other: Float[Tensor, "kept d_vocab"]) -> float:
+    """Σ over positions of KL(clean || other) of the next-token distributions."""
+    log_q = other.float().log_softmax(-1)
+    return F.kl_div(log_q, clean_log_p, log_target=True, reduction="sum").double().item()
 
 
 def spliced_logits(
@@ -217,12 +327,6 @@ def reconstruction_metrics(
         "n_tokens": len(x),
         "firing_frequency": frequency.cpu(),
     }
-
-
-def kl_divergence(clean: Float[Tensor, "*pos d_vocab"], other: Float[Tensor, "*pos d_vocab"]) -> Float[Tensor, "*pos"]:
-    """KL(clean || other) of the next-token distributions at each position."""
-    log_p, log_q = clean.float().log_softmax(-1), other.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
 
 
 def recovered(clean: float, spliced: float, ablated: float) -> float:

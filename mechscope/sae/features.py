@@ -9,16 +9,17 @@ For every selected feature :func:`feature_statistics` keeps, without storing eve
   equal intervals, ``per_quantile`` examples drawn uniformly at random from each (a reservoir:
   every firing gets a random key and each cell keeps the smallest keys);
 - a histogram of its non-zero activations, its firing frequency and mean activation;
-- its direct effect on the logits, ``W_dec[f] @ W_U``: the tokens it promotes and suppresses.
+- its direct effect on the logits (below): the tokens it promotes and suppresses.
 
 The maximum is not known until the pass ends, so the histogram and the intervals live on grids
 of equal cells whose width doubles (merging neighbouring cells, which is exact) whenever an
 activation falls past the last cell; at the end, neighbouring cells are grouped into at most
 ``bins`` histogram bins and exactly ``quantiles`` intervals (fewer when fewer cells are used).
 
-The logit effect reads the decoder row straight through the unembedding ``W_U``: it skips the
-final norm's centring and its division by the residual's scale (a positive factor per token that
-changes no ranking); a norm's learned scale counts only where the model folded it into ``W_U``.
+The logit effect is ``(P W_dec[f] ⊙ s) @ W_U``: the final norm's linear part (its scale ``s``; ``P``
+removes the mean for a LayerNorm), then the unembedding, as :func:`mechscope.analysis.circuits.unembedding`
+reads it. Left out: the norm's division by the residual's size (a positive factor per token, changing no
+ranking) and its bias (the same for every feature). Folding the norm into ``W_U`` changes no number.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechscope.analysis.circuits import read_through
 from mechscope.sae.activations import check_hook, stop_layer
 from mechscope.sae.base import SAE, SAEError
-from mechscope.sae.evaluation import kept_positions
+from mechscope.sae.evaluation import check_tokens, kept_positions
 
 # Hooks whose activations are added to the residual stream as they are, so W_U reads them.
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -74,7 +76,7 @@ class Feature:
     intervals: list[Interval]
     histogram_counts: list[int]
     histogram_edges: list[float]  # one more than the counts; bins are [edge_i, edge_i+1)
-    top_logits: list[tuple[int, float]] = field(default_factory=list)  # (token id, W_dec[f] @ W_U), largest first
+    top_logits: list[tuple[int, float]] = field(default_factory=list)  # (token id, logit effect), largest first
     bottom_logits: list[tuple[int, float]] = field(default_factory=list)  # most negative first
 
 
@@ -187,10 +189,11 @@ class Settings:
 
 
 class Tally:
-    """The running state of :func:`feature_statistics` for ``n`` selected features."""
+    """The running state of :func:`feature_statistics` for the selected ``features``."""
 
-    def __init__(self, n: int, settings: Settings, generator: torch.Generator) -> None:
-        self.settings, self.generator = settings, generator
+    def __init__(self, features: list[int], settings: Settings, generator: torch.Generator) -> None:
+        self.features, self.settings, self.generator = features, settings, generator
+        n = len(features)
         window = settings.left + 1 + settings.right
         self.firings = torch.zeros(n, dtype=torch.long)
         self.total = torch.zeros(n, dtype=torch.float64)
@@ -201,6 +204,7 @@ class Tally:
 
     def add(self, latents: Float[Tensor, "batch seq feature"], first_row: int) -> None:
         """Fold one batch's latents (0 at positions that do not count) into the state."""
+        self.check_finite(latents, first_row)
         row, position, feature = latents.nonzero(as_tuple=True)
         value = latents[row, position, feature]
         n = len(self.firings)
@@ -221,6 +225,15 @@ class Tally:
         )
         found.cell = torch.zeros_like(cell)
         self.top = self.merge(self.top, found, -value, self.settings.top, 1, padded, first_row)
+
+    def check_finite(self, latents: Float[Tensor, "batch seq feature"], first_row: int) -> None:
+        """An infinite or NaN latent (an overflow upstream) has no place on the grids: refuse it by name."""
+        bad = (~latents.isfinite()).nonzero()
+        if len(bad):
+            row, position, column = bad[0].tolist()
+            value, feature = float(latents[row, position, column]), self.features[column]
+            raise SAEError(f"feature {feature} is {value} at row {first_row + row}, position {position}: latents "
+                           "must be finite (an overflow upstream, e.g. in float16?)")  # fmt: skip
 
     def merge(
         self, kept: Firings, found: Firings, key: Tensor, keep: int, cells: int, padded: Tensor, first_row: int
@@ -260,14 +273,14 @@ def feature_statistics(
     hook = check_hook(model, sae.cfg.hook_name)
     device = next(model.parameters()).device
     keep = kept_positions(model, tokens.to(device), None, drop_tokens).cpu()
-    tally = Tally(len(selected), settings, torch.Generator().manual_seed(seed))
+    tally = Tally(selected, settings, torch.Generator().manual_seed(seed))
     was_training = sae.training
     sae.eval()  # BatchTopK: the inference threshold
     try:
         for start in range(0, len(tokens), batch_size):
             acts = hook_activations(model, tokens[start : start + batch_size].to(device), hook)
             latents = selected_latents(sae, acts, torch.tensor(selected)).cpu()
-            tally.add(latents * keep[start : start + batch_size, :, None], start)
+            tally.add(latents.masked_fill(~keep[start : start + batch_size, :, None], 0), start)
     finally:
         sae.train(was_training)
     effects, note = logit_effects(model, sae, selected)
@@ -297,9 +310,7 @@ def checked_features(features: list[int] | None, d_sae: int) -> list[int]:
 
 def checked_settings(tokens, top, quantiles, per_quantile, context, bins, logits, batch_size) -> Settings:
     """The sizes, each a positive int (``context`` two non-negative ints), named in the error."""
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
-        shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise SAEError(f"tokens must be a non-empty integer tensor [n, seq], got {shape}")
+    check_tokens(tokens)
     for name, value in (("top", top), ("quantiles", quantiles), ("per_quantile", per_quantile), ("bins", bins),
                         ("logits", logits), ("batch_size", batch_size)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -332,13 +343,15 @@ def selected_latents(sae: SAE, acts: Float[Tensor, "batch seq d"], selected: Int
 
 
 def logit_effects(model: nn.Module, sae: SAE, selected: list[int]) -> tuple[Tensor | None, str]:
-    """``W_dec[f] @ W_U`` for each selected feature, when the SAE writes into the residual stream."""
+    """Each selected feature's direct effect on the logits, when the SAE writes into the residual stream:
+    its decoder row through the final norm's linear part (scale, and a LayerNorm's centring), then ``W_U``."""
     written = sae.cfg.output_hook_name or sae.cfg.hook_name
     W_U = getattr(model, "W_U", None)
     if W_U is None or not written.endswith(RESIDUAL_HOOKS) or sae.cfg.d_out != W_U.shape[0]:
         return None, f"no logit effect: {written} is not added to the residual stream that W_U reads"
-    effect = sae.W_dec[selected].detach().float() @ W_U.detach().float().to(sae.W_dec.device)
-    return effect.cpu(), "W_dec[f] @ W_U: the direct effect on the logits, through the final norm's linear part"
+    reader = read_through(getattr(model, "ln_final", None), W_U.detach().float())
+    effect = sae.W_dec[selected].detach().float() @ reader.to(sae.W_dec.device)
+    return effect.cpu(), "W_dec[f] through the final norm's linear part (scale, LayerNorm centring), then W_U"
 
 
 def extremes(effect: Float[Tensor, " vocab"], k: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

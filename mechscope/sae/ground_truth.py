@@ -3,7 +3,8 @@
 Two checks. :class:`SyntheticDictionary` draws activations as sparse non-negative combinations of a
 known unit-norm dictionary (as in the toy models of superposition: sparse, with importance and
 correlated groups); :func:`match_features` pairs an SAE's decoder rows one-to-one with the true
-features (Hungarian matching on |cosine|) and reports how many came back. On the synthetic-language
+features (Hungarian matching on |cosine|) and reports how many came back, and how well the important
+ones did (:meth:`SyntheticDictionary.match` weighs each by its importance). On the synthetic-language
 organism the generator knows its latent variables (which token is a name, which name is the repeated
 subject...), so :func:`latent_alignment` asks, per variable, how well the best single SAE latent
 separates the tokens where it holds from those where it does not (AUROC).
@@ -40,7 +41,8 @@ class SyntheticDictionary:
     magnitude uniform on [0, 1] or exponential with mean 1. Features in one of ``correlated_groups``
     share a single draw with probability ``rho`` (so they fire together) and draw alone otherwise; each
     feature's own firing probability is the same either way. ``importance_decay`` gives feature ``i``
-    the weight ``decay**i``, as in the superposition organism; the SAE never sees it.
+    the weight ``decay**i``, as in the superposition organism: the SAE never sees it, but :meth:`match`
+    scores a decoder by its importance-weighted mean matched cosine.
     """
 
     n_features: int
@@ -86,6 +88,10 @@ class SyntheticDictionary:
     def importance(self) -> Float[Tensor, " feature"]:
         """Feature i matters ``decay**i`` as much as feature 0 (parity with the superposition organism)."""
         return self.importance_decay ** torch.arange(self.n_features, dtype=torch.float32)
+
+    def match(self, decoder: Float[Tensor, "d_sae d_in"], threshold: float = RECOVERED_COSINE) -> Matching:
+        """``decoder`` matched to these features, with ``weighted_mmcs`` weighing each by its importance."""
+        return match_features(decoder, self.features, threshold, importance=self.importance())
 
     @property
     def expected_l0(self) -> float:
@@ -170,6 +176,7 @@ class Matching:
     cosine: Float[Tensor, " feature"]  # |cosine| of each matched pair (0 where unmatched)
     best_cosine: Float[Tensor, " feature"]  # each true feature's best |cosine| over all latents, matched or not
     mmcs: float  # mean matched |cosine| over the true features
+    weighted_mmcs: float  # the same mean weighted by each feature's importance (= mmcs without importance)
     recovered: float  # fraction of true features whose matched |cosine| exceeds the threshold
     threshold: float = RECOVERED_COSINE
 
@@ -180,11 +187,16 @@ def cosines(decoder: Float[Tensor, "d_sae d_in"], truth: Float[Tensor, "feature 
 
 
 def match_features(
-    decoder: Float[Tensor, "d_sae d_in"], truth: Float[Tensor, "feature d_in"], threshold: float = RECOVERED_COSINE
+    decoder: Float[Tensor, "d_sae d_in"],
+    truth: Float[Tensor, "feature d_in"],
+    threshold: float = RECOVERED_COSINE,
+    importance: Float[Tensor, " feature"] | None = None,
 ) -> Matching:
-    """Hungarian matching of decoder rows to true features on |cosine| (a sign flip is the same feature)."""
+    """Hungarian matching of decoder rows to true features on |cosine| (a sign flip is the same feature);
+    ``importance`` (one non-negative weight per true feature) weighs them in ``weighted_mmcs``."""
     check_matrix("decoder", decoder)
     check_matrix("truth", truth)
+    weights = checked_importance(importance, truth.shape[0])
     if decoder.shape[1] != truth.shape[1]:
         raise SAEError(
             f"decoder rows have {decoder.shape[1]} dimensions but truth rows have {truth.shape[1]}: "
@@ -201,9 +213,23 @@ def match_features(
         cosine=cosine,
         best_cosine=sim.max(dim=1).values,
         mmcs=float(cosine.mean()),
+        weighted_mmcs=float((weights * cosine).sum() / weights.sum()),
         recovered=float((cosine > threshold).float().mean()),
         threshold=threshold,
     )
+
+
+def checked_importance(importance: Any, n_features: int) -> Float[Tensor, " feature"]:
+    """One finite weight >= 0 per true feature, not all zero (none given: all equal)."""
+    if importance is None:
+        return torch.ones(n_features)
+    weights = importance.detach().float().cpu() if isinstance(importance, Tensor) else torch.zeros(0)
+    if weights.shape != (n_features,) or not bool((weights >= 0).all()) or not 0 < float(weights.sum()) < math.inf:
+        raise SAEError(
+            f"importance must be a tensor of one finite weight >= 0 per true feature ({n_features}, the rows of "
+            f"truth), not all zero; got {importance!r}"
+        )
+    return weights
 
 
 def check_matrix(name: str, x: Any) -> None:
@@ -366,7 +392,7 @@ def sae_latents(
         _, cache = model.run_with_cache(
             tokens.to(device_model), attention_mask=mask.to(device_model), names_filter=[hook_name], stop_at_layer=stop
         )
-        acts = cache[hook_name][mask.bool().to(device_model)]
+        acts = cache[hook_name][mask.bool().to(device_model)].flatten(1)  # per-head hooks: heads side by side
         if acts.shape[-1] != sae.cfg.d_in:
             raise SAEError(f"{hook_name} has width {acts.shape[-1]} but the SAE reads d_in={sae.cfg.d_in}")
         rows.append(sae.encode(acts.to(device)).float().cpu())

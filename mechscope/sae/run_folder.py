@@ -1,7 +1,7 @@
-"""A training run's folder: ``run.json`` (what the run is), ``metrics.jsonl``, and one atomic
-``checkpoint.safetensors`` holding everything an exact resume needs (weights, Adam's moments,
-the dead-latent counters, the RNG, the input scaling factor and every rank's activation-store
-state). Only rank 0 writes.
+"""A training run's folder: ``run.json`` (what the run is: the SAE, training and data settings),
+``metrics.jsonl``, and one atomic ``checkpoint.safetensors`` holding everything an exact resume
+needs (weights, Adam's moments, the dead-latent counters, the RNG, the input scaling factor and
+every rank's activation-store state). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from mechscope.sae import distributed as dd
@@ -19,6 +20,12 @@ from mechscope.toys import checkpoint as ckpt
 
 if TYPE_CHECKING:
     from mechscope.sae.training import BatchStream, InputScale, LatentTracker
+
+COMPARED = ("sae", "train", "data")  # the sections of run.json a resumed run must match
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and resuming was not asked for."""
 
 
 def prepare_run(
@@ -37,12 +44,16 @@ def prepare_run(
     """
     run_file = directory / ckpt.RUN_FILE
     step = None
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; a training run writes a folder there: choose another")
     if run_file.exists():
         if not resume:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{directory} already holds a run ({ckpt.RUN_FILE}); pass resume=True to continue it, "
                 "or choose another output folder"
             )
+        if (directory / ckpt.CHECKPOINT_FILE).exists():  # first: another world explains other per-rank settings
+            check_same_world(directory)
         check_same_run(json.loads(run_file.read_text(encoding="utf-8")), record, directory)
         if (directory / ckpt.CHECKPOINT_FILE).exists():
             step = load_state(directory, sae, optimizer, tracker, stream, scale)
@@ -59,9 +70,20 @@ def prepare_run(
 
 def check_same_run(stored: dict[str, Any], wanted: dict[str, Any], directory: Path) -> None:
     """Resuming with other settings would silently mix two runs; name what differs instead."""
-    differences = ckpt.setting_differences(stored, wanted, ("sae", "train"))
+    differences = ckpt.setting_differences(stored, wanted, COMPARED)
     if differences:
         raise SAEError(f"cannot resume the run in {directory} with different settings: " + "; ".join(differences))
+
+
+def check_same_world(directory: Path) -> None:
+    """Each rank continues its own share of the data, so a checkpoint resumes on as many processes as wrote it."""
+    with safe_open(str(directory / ckpt.CHECKPOINT_FILE), framework="pt") as f:
+        saved_world = int((f.metadata() or {}).get("world_size", "1"))
+    if saved_world != dd.world_size():
+        raise SAEError(
+            f"the checkpoint in {directory} was written by {saved_world} process(es); resume it with "
+            f"world_size={saved_world}, not {dd.world_size()} (each rank continues its own share of the data)"
+        )
 
 
 def save_state(
@@ -108,12 +130,6 @@ def load_state(
 ) -> int:
     """Restore what ``save_state`` wrote; returns the step to continue from."""
     tensors, metadata = ckpt.read_tensors(directory / ckpt.CHECKPOINT_FILE)
-    saved_world, world = int(metadata.get("world_size", "1")), dd.world_size()
-    if saved_world != world:
-        raise SAEError(
-            f"the checkpoint in {directory} was written by {saved_world} process(es); resume it with "
-            f"world_size={saved_world}, not {world} (each rank continues its own share of the data)"
-        )
     sae.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -128,7 +144,7 @@ def load_state(
     if "activations/scaling_factor" in tensors:
         scale.factor = tensors["activations/scaling_factor"].item()
     step = int(metadata["step"])
-    prefix = store_prefix(dd.rank(), world)
+    prefix = store_prefix(dd.rank(), dd.world_size())
     stream.resume({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, step)
     return step
 

@@ -23,7 +23,9 @@ cycles the same way); a function ``step -> tokens`` (``[seq_len]`` or ``[batch, 
 called with ``step = 0, 1, 2, ...`` forever.
 
 Every source is resumable: ``state_dict()`` is a flat dict of tensors (its position), and
-``load_state_dict`` on a fresh source continues exactly where the saved one was.
+``load_state_dict`` on a fresh source continues exactly where the saved one was. ``describe()``
+names where a text source's rows come from (run.json and an activation cache record it, so a
+resume or a cache read can check it); tensors and functions describe nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class TokenSource(Iterator[Tensor]):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Where the rows come from, as JSON values (empty when that cannot be named)."""
+        return {}
 
 
 # ---------------------------------------------------------------- tensors and functions
@@ -139,36 +145,59 @@ def language_documents(seed: int) -> Callable[[int], Iterator[Document]]:
     return read
 
 
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file; bytes that are not UTF-8 are reported as ``path:line``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from f
+    except UnicodeDecodeError as error:
+        line = first_non_utf8_line(path)
+        raise SAEError(f"{path}:{line}: not UTF-8 text ({error.reason}); convert the file to UTF-8") from None
+
+
+def first_non_utf8_line(path: Path) -> int:
+    """The number of the first line that does not decode as UTF-8 (the line after the last if all do)."""
+    with open(path, "rb") as f:
+        number = 0
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return number + 1
+
+
 def text_lines(path: Path) -> Iterator[Document]:
     """Every non-blank line of a text file, one document each."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line.rstrip("\n"), True
+    for line in utf8_lines(path):
+        if line.strip():
+            yield line.rstrip("\n"), True
 
 
 def text_blocks(path: Path) -> Iterator[Document]:
     """A whole text file as one document, in pieces of ``LINES_PER_BLOCK`` lines (newlines kept)."""
-    with open(path, encoding="utf-8") as f:
-        previous = None
-        while block := "".join(itertools.islice(f, LINES_PER_BLOCK)):
-            if previous is not None:
-                yield previous, False
-            previous = block
+    lines = utf8_lines(path)
+    previous = None
+    while block := "".join(itertools.islice(lines, LINES_PER_BLOCK)):
         if previous is not None:
-            yield previous, True
+            yield previous, False
+        previous = block
+    if previous is not None:
+        yield previous, True
 
 
 def json_lines(path: Path, field: str) -> Iterator[Document]:
     """The ``field`` of every JSON object in a ``.jsonl`` file."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise SAEError(f"{path}:{number} has no string field {field!r} (choose the field with text_field=)")
-            yield record[field], True
+        except json.JSONDecodeError as error:
+            raise SAEError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise SAEError(f"{path}:{number} has no string field {field!r} (choose the field with text_field=)")
+        yield record[field], True
 
 
 def parquet_rows(path: Path, field: str) -> Iterator[Document]:
@@ -208,9 +237,16 @@ class PackedSource(TokenSource):
     """Documents tokenised, joined with BOS after each, cut into ``[BOS] + seq_len - 1`` token rows."""
 
     def __init__(
-        self, read: Callable[[int], Iterator[Document]], tokenizer: Any, seq_len: int, name: str, cycle: bool = True
+        self,
+        read: Callable[[int], Iterator[Document]],
+        tokenizer: Any,
+        seq_len: int,
+        name: str,
+        cycle: bool = True,
+        description: dict[str, Any] | None = None,
     ) -> None:
         self.read, self.tokenizer, self.seq_len, self.name, self.cycle = read, tokenizer, seq_len, name, cycle
+        self.description = description or {}
         self.bos = tok.bos_id(tokenizer)
         if self.bos is None:
             raise SAEError("the tokenizer has neither a BOS nor an EOS token to separate documents with")
@@ -254,6 +290,9 @@ class PackedSource(TokenSource):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.carry, self._documents = state["carry"].tolist(), None
 
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
+
 
 # ---------------------------------------------------------------- the one entry point
 def token_source(
@@ -287,7 +326,15 @@ def token_source(
     read = _documents(spec, seed, text_field, txt_documents)
     if tokenizer is None:
         raise SAEError(f"reading text from {str(spec)!r} needs a tokenizer (the model has none: pass tokenizer=)")
-    return PackedSource(read, tokenizer, seq_len, str(spec), cycle)
+    return PackedSource(read, tokenizer, seq_len, str(spec), cycle, describe(spec, seed, text_field, txt_documents))
+
+
+def describe(spec: str | Path, seed: int, field: str, txt: str) -> dict[str, Any]:
+    """What names a text source's documents: the generator and its seed, or the file and how it is read."""
+    if spec == "language":
+        return {"source": "language", "source_seed": seed}
+    path = Path(spec).resolve()
+    return {"source": str(path), **({"txt_documents": txt} if path.suffix == ".txt" else {"text_field": field})}
 
 
 def _documents(spec: str | Path, seed: int, field: str, txt: str) -> Callable[[int], Iterator[Document]]:

@@ -6,7 +6,7 @@ told which latents are dead), remove the decoder gradient's component along each
 clip, take an Adam step at the scheduled learning rate, renormalise the decoder rows. ReLU SAEs
 weight their L1 by decoder norms instead, so they skip both decoder steps.
 
-A run folder holds ``run.json`` (the SAE and training settings), ``metrics.jsonl``, the
+A run folder holds ``run.json`` (the SAE, training and data settings), ``metrics.jsonl``, the
 resumable ``checkpoint.safetensors`` (weights, Adam moments, step, tokens since each latent
 fired, RNG, the data stream's position) and, when done, the SAE in SAELens' format
 (``cfg.json`` + ``sae_weights.safetensors``). ``resume=True`` continues a killed run exactly
@@ -148,7 +148,8 @@ class BatchStream:
     - any other iterable of batches: on resume a fresh one is fast-forwarded by the steps done,
       so it must yield the same batches again (a list, or a generator rebuilt from a seed).
 
-    A batch is ``x [batch, d_in]``, or ``(x, y)`` for a transcoder.
+    A batch is ``x [batch, d_in]``, or ``(x, y)`` for a transcoder. A source that runs out stops
+    the run with an error naming the step, on every rank at once (the ranks agree before each step).
     """
 
     def __init__(self, source: Any, batch_tokens: int) -> None:
@@ -170,24 +171,34 @@ class BatchStream:
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
         """The batch for ``step`` as ``(x, target)``; target is None unless the source gives pairs."""
-        if self.is_store:
-            batch = self.source.next_batch()
-        elif isinstance(self.source, Tensor):
-            start = step % (len(self.source) // self.batch_tokens) * self.batch_tokens
-            batch = self.source[start : start + self.batch_tokens]
-        elif callable(self.source):
-            batch = self.source(step)
-        else:
-            batch = self._next(step)
+        batch = self._fetch(step)
+        if dd.any_rank(torch.tensor([batch is None])).item():  # one rank out of data stops them all
+            raise SAEError(self._exhausted(step))
         return self._checked(batch, step)
 
-    def _next(self, step: int) -> Batch:
-        if self.iterator is None:
-            self.iterator = iter(self.source)
+    def _fetch(self, step: int = 0) -> Batch | None:
+        """The next batch, or None once the source has run out."""
+        if isinstance(self.source, Tensor):
+            start = step % (len(self.source) // self.batch_tokens) * self.batch_tokens
+            return self.source[start : start + self.batch_tokens]
+        if callable(self.source) and not self.is_store:
+            return self.source(step)
         try:
+            if self.is_store:
+                return self.source.next_batch()
+            self.iterator = iter(self.source) if self.iterator is None else self.iterator
             return next(self.iterator)
         except StopIteration:
-            raise SAEError(f"store_or_batches ran out of batches at step {step}; the config asks for more") from None
+            return None
+
+    def _exhausted(self, step: int) -> str:
+        if self.is_store:
+            where = " on some rank" if dd.world_size() > 1 else ""
+            return (
+                f"the activation store ran out of activations at step {step}{where}; the config asks for more "
+                "(total_tokens): give the store more token rows, a source that cycles, or fewer total_tokens"
+            )
+        return f"store_or_batches ran out of batches at step {step}; the config asks for more"
 
     def _checked(self, batch: Batch, step: int) -> tuple[Tensor, Tensor | None]:
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -199,13 +210,18 @@ class BatchStream:
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict() if self.is_store else {}
 
+    def data_settings(self) -> dict[str, Any]:
+        """What run.json records about the data (a store's settings; nothing for plain Python sources)."""
+        return dict(getattr(self.source, "data_settings", {})) if self.is_store else {}
+
     def resume(self, state: dict[str, Any], step: int) -> None:
         """Continue after ``step`` batches: restore a store, or skip through a plain iterable."""
         if self.is_store:
             self.source.load_state_dict(state)
         elif not isinstance(self.source, Tensor) and not callable(self.source):
             for done in range(step):
-                self._next(done)
+                if self._fetch() is None:
+                    raise SAEError(self._exhausted(done))
 
 
 # ------------------------------------------------------------------------------ state beyond weights
@@ -300,7 +316,7 @@ def train_sae(
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
     tracker = LatentTracker.fresh(sae.cfg.d_sae, config.dead_after_tokens, device)
     scale = InputScale(sae.cfg.normalize_activations == "expected_average_only_in")
-    record = run_record(sae, config, command)
+    record = run_record(sae, config, command, stream.data_settings())
     start, metrics = prepare_run(directory, record, resume, sae, optimizer, tracker, stream, scale)
     end = config.steps if until is None else max(start, min(until, config.steps))
     main = dd.is_main()
@@ -411,8 +427,9 @@ def log_entry(
     }
 
 
-def run_record(sae: SAE, config: TrainSAEConfig, command: str | None) -> dict[str, Any]:
+def run_record(sae: SAE, config: TrainSAEConfig, command: str | None, data: dict[str, Any]) -> dict[str, Any]:
     """What ``run.json`` says about a run: enough to rebuild the SAE and repeat the run."""
     from mechscope import __version__
 
-    return {"sae": sae.cfg.to_dict(), "train": config.to_dict(), "command": command, "mechscope": __version__}
+    record = {"sae": sae.cfg.to_dict(), "train": config.to_dict(), "data": data}
+    return {**json.loads(json.dumps(record)), "command": command, "mechscope": __version__}

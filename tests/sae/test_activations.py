@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mechscope import Model
-from mechscope.sae.activations import MANIFEST, ActivationStore, ModelStream, special_ids, token_source
+from mechscope.model import ModelConfig, Transformer
+from mechscope.sae.activations import (
+    MANIFEST,
+    MIN_BUFFER_SEQUENCES,
+    ActivationStore,
+    ModelStream,
+    special_ids,
+    token_source,
+)
 from mechscope.sae.base import SAEError
 
 CHECK = settings(max_examples=15, deadline=None)
@@ -105,6 +113,29 @@ def test_the_forward_pass_stops_after_the_hooked_layer(gpt2, layer):
     assert handles and set(fired) == {f"blocks.{i}.hook_resid_post" for i in range(layer + 1)}
 
 
+def test_hooks_after_the_last_block_run_ln_final_but_never_the_unembedding(gpt2, monkeypatch):
+    tokens = random_tokens(3, 8, seed=7)
+    expected = [expected_rows(gpt2, tokens, hook) for hook in ("ln_final.hook_scale", "ln_final.hook_normalized")]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the unembedding ran: the store computed logits it throws away")
+
+    monkeypatch.setattr(gpt2.unembed, "forward", refuse)
+    store = ActivationStore(
+        gpt2,
+        "ln_final.hook_scale",
+        token_source(tokens, seq_len=8, cycle=False),
+        batch_tokens=1,
+        context=8,
+        buffer_batches=100,
+        output_hook_name="ln_final.hook_normalized",
+    )
+    scale, normalized = (torch.cat(part) for part in zip(*all_batches(store), strict=True))
+    index = torch.cdist(normalized, expected[1]).argmin(1)
+    assert torch.allclose(normalized, expected[1][index], atol=1e-5)
+    assert torch.allclose(scale, expected[0][index], atol=1e-5)
+
+
 def test_padding_and_bos_positions_are_dropped(gpt2):
     tokens = random_tokens(5, 10, seed=3)
     mask = torch.ones_like(tokens)
@@ -192,6 +223,19 @@ def test_the_same_seed_gives_the_same_batches_and_another_seed_reorders_them(gpt
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(torch.cat(first), torch.cat(other))
     match(torch.cat(other[:4]), torch.cat(first[:4]))  # one buffer: the same rows in another order
+
+
+def test_the_default_buffer_mixes_many_contexts_even_when_one_context_fills_batches():
+    """Row r is all token r, so hook_embed's activation names the row; a batch of 256 at context 1024 must mix rows."""
+    model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=600, n_ctx=1024, seed=0)).eval()
+    n_rows = 2 * MIN_BUFFER_SEQUENCES
+    tokens = torch.arange(n_rows)[:, None].repeat(1, 1024)
+    store = ActivationStore(model, "hook_embed", token_source(tokens, seq_len=1024), batch_tokens=256, context=1024)
+    assert store.buffer_rows >= MIN_BUFFER_SEQUENCES * 1024
+    rows = torch.cdist(store.next_batch(), model.W_E.detach()).argmin(1)
+    # drawing 256 positions from 256 contexts of 1024 hits about 256 (1 - 1/e) ~ 162 of them; 8 batches of
+    # buffer (the old default) held 2 contexts
+    assert len(rows.unique()) > MIN_BUFFER_SEQUENCES // 4
 
 
 def test_memory_never_holds_more_than_the_buffer(gpt2, monkeypatch):
@@ -284,6 +328,25 @@ def test_the_cache_holds_the_stream_in_order_and_a_second_store_reads_it(gpt2_di
     match(torch.cat(read[:8]), shards)  # the first epoch: every cached row once
 
 
+@pytest.mark.bad_input
+def test_a_cache_of_another_model_context_or_source_is_refused_by_name(gpt2, gpt2_dir, tmp_path):
+    tokens = random_tokens(6, 8, seed=9)
+    hook, options = "blocks.0.hook_resid_post", dict(batch_tokens=4, buffer_batches=2, cache_dir=tmp_path)
+    ActivationStore(gpt2, hook, token_source(tokens, seq_len=8), context=8, cache_tokens=16, **options)
+    other = Model.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        other.blocks[0].mlp.W_in.mul_(2)  # the same config, other weights
+    with pytest.raises(SAEError, match=r"written for other data \(model_sha256: '\w+' in the cache"):
+        ActivationStore(other, hook, None, context=8, **options)
+    with pytest.raises(SAEError, match="context: 8 in the cache, 4 now"):
+        ActivationStore(gpt2, hook, None, context=4, **options)
+    text = tmp_path / "docs.txt"
+    text.write_text("Mary went to the park\n")
+    with pytest.raises(SAEError, match=f"source: None in the cache, {str(text.resolve())!r} now"):
+        ActivationStore(gpt2, hook, text, context=8, **options)
+    assert ActivationStore(gpt2, hook, None, context=8, **options).next_batch().shape == (4, 32)
+
+
 def test_a_cache_without_its_manifest_is_written_again(gpt2, tmp_path):
     save_file({"x": torch.zeros(6, 32)}, tmp_path / "shard_00000.safetensors")  # left by a killed run
     tokens = random_tokens(4, 8, seed=4)
@@ -318,7 +381,11 @@ def test_bad_arguments_are_refused_by_name(gpt2, tmp_path):
         (("blocks.0.hook_resid_post",), dict(context=65), "n_ctx=64"),
         (("blocks.0.hook_resid_post",), dict(forward_rows=0), "forward_rows must be at least 1"),
         (("blocks.0.hook_resid_post",), dict(cache_dir=tmp_path), "cache_tokens"),
-        (("blocks.0.hook_resid_post",), dict(cache_dir=tmp_path, cache_tokens=8, shard_tokens=33), "shard_tokens"),
+        (
+            ("blocks.0.hook_resid_post",),
+            dict(cache_dir=tmp_path, cache_tokens=8, shard_tokens=33, buffer_batches=8),
+            "shard_tokens",
+        ),
     ]
     for (hook,), kwargs, message in cases:
         with pytest.raises(SAEError, match=message):

@@ -87,6 +87,25 @@ def harvest_config() -> dict:
     return dict(batch_tokens=32, context=8, buffer_batches=2, forward_rows=1)
 
 
+def uneven_rows() -> torch.Tensor:
+    """TOKENS with 4 positions of every odd row (rank 1's share) dropped: rank 1 runs out of activations first."""
+    tokens = TOKENS.clamp(min=1)  # 0 is the dropped token
+    tokens[1::2, 4:] = 0
+    return tokens
+
+
+def exhausted_run(out: Path) -> str:
+    """Train on a finite store until it runs out; the error this rank stops with."""
+    source = token_source(uneven_rows(), seq_len=8, cycle=False)
+    store = dd.rank_store(tiny_model(), HOOK, source, batch_tokens=32, context=8, buffer_batches=1, drop_tokens=[0])
+    sae = build_sae(SAEConfig(16, 32, "topk", HOOK, 0, k=4), seed=2)
+    try:
+        train_sae(sae, store, TrainSAEConfig(total_tokens=32 * 20, batch_tokens=32), out, progress=False)
+    except SAEError as error:
+        return str(error)
+    return "finished"
+
+
 def store_run(out: Path, until: int | None = None, resume: bool = False) -> SAE:
     """A TopK SAE trained from this rank's activation store, paused at ``until`` or resumed."""
     model = tiny_model()
@@ -113,6 +132,7 @@ def worker(out: Path) -> None:
     store_run(out / "whole")
     store_run(out / "paused", until=5)  # mid-buffer: each rank's store is part-way through its shuffle buffer
     store_run(out / "paused", resume=True)
+    (out / f"exhausted_rank{rank}.txt").write_text(exhausted_run(out / "exhausted"))
     dd.close_distributed()
 
 
@@ -183,6 +203,15 @@ def test_a_paused_two_rank_run_resumes_exactly(two_ranks):
     assert not any(k.startswith("store/") and not k.startswith("store/rank") for k in tensors)
 
 
+def test_a_rank_that_runs_out_of_activations_stops_every_rank_with_the_same_error(two_ranks):
+    kept = [int((uneven_rows()[r::WORLD] != 0).sum()) for r in range(WORLD)]  # the tiny model has no tokenizer
+    first_out = min(n // (32 // WORLD) for n in kept)  # whole local batches of the rank with the fewest rows
+    assert kept[1] < kept[0]
+    errors = [(two_ranks / f"exhausted_rank{r}.txt").read_text() for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    assert f"ran out of activations at step {first_out}" in errors[0]
+
+
 @pytest.mark.bad_input
 def test_a_two_rank_checkpoint_refuses_one_process(two_ranks, tmp_path):
     import shutil
@@ -226,8 +255,9 @@ def test_one_process_is_a_world_of_one(tmp_path, monkeypatch):
 def test_a_rank_store_takes_its_share_of_the_batch_and_its_own_cache(tmp_path):
     tokens = token_source(TOKENS, seq_len=8, cycle=False)
     options = dict(batch_tokens=32, context=8, buffer_batches=2, forward_rows=1, rank_and_world=(1, WORLD))
-    store = dd.rank_store(tiny_model(), HOOK, tokens, cache_dir=tmp_path, cache_tokens=64, **options)
+    store = dd.rank_store(tiny_model(), HOOK, tokens, cache_dir=tmp_path, cache_tokens=TOKENS.numel(), **options)
     assert store.next_batch().shape == (16, 16)
+    assert json.loads((tmp_path / "rank1-of-2" / "cache.json").read_text())["n_rows"] == TOKENS.numel() // WORLD
     assert (tmp_path / "rank1-of-2" / "cache.json").exists()
     odd_rows = token_source(TOKENS[1::2], seq_len=8, cycle=False)  # rank 1 of 2: rows 1, 3, 5, ...
     direct = drain(ActivationStore(tiny_model(), HOOK, odd_rows, batch_tokens=16, context=8, forward_rows=1))

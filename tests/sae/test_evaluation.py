@@ -128,10 +128,18 @@ def hand_metrics(model, sae, tokens, keep, mask=None, read=None, write=None):
 
 
 def assert_matches(metrics, expected):
+    """Every metric as computed by hand; the recovered fractions, ratios of small differences that
+    amplify float rounding, as their definition applied to the (checked) losses."""
     for name, value in expected.items():
         got = getattr(metrics, name)
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+        elif name.startswith("ce_loss_recovered"):
+            ablated = metrics.ce_loss_zero_ablated if name == "ce_loss_recovered" else metrics.ce_loss_mean_ablated
+            assert got == (ablated - metrics.ce_loss_spliced) / (ablated - metrics.ce_loss_clean), name
+            assert got == pytest.approx(value, rel=1e-2, abs=1e-3), name
+        elif name.startswith("ce_loss"):
+            assert got == pytest.approx(value, rel=1e-6), name
         else:
             assert got == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
@@ -195,3 +203,64 @@ def test_bad_evaluations_are_named(model):
     elsewhere = build_sae(config("blocks.7.hook_resid_post", 32, d_sae=16, k=4))
     with pytest.raises(SAEError, match=r"hook_name: .*blocks\.7\.hook_resid_post"):
         evaluate_sae(model, elsewhere, with_bos(2, 5))
+
+
+@settings(max_examples=10, deadline=None)
+@given(batch_size=st.integers(1, 4), seed=st.integers(0, 1000), masked=st.booleans())
+def test_chunks_give_the_metrics_of_one_batch(batch_size, seed, masked):
+    model = random_model(d_vocab=40)
+    sae = randomise(build_sae(config("blocks.1.hook_resid_post", 32, d_sae=48, k=5), seed=seed), seed)
+    tokens = with_bos(5, 9, seed, vocab=40)
+    mask = torch.ones_like(tokens)
+    mask[1, 5:] = 0
+    mask[3, 7:] = 0
+    options = dict(attention_mask=mask if masked else None, drop_tokens=[BOS])
+    whole = evaluate_sae(model, sae, tokens, batch_size=len(tokens), **options)
+    rows = []
+    handle = model.embed.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    try:
+        chunked = evaluate_sae(model, sae, tokens, batch_size=batch_size, **options)
+    finally:
+        handle.remove()
+    chunks = -(-len(tokens) // batch_size)
+    assert len(rows) == 5 * chunks and max(rows) <= batch_size  # one capture pass + four full passes per chunk
+    for name, value in whole.to_dict().items():
+        if name == "firing_frequency":
+            torch.testing.assert_close(chunked.firing_frequency, whole.firing_frequency)
+        else:
+            assert getattr(chunked, name) == pytest.approx(value, rel=1e-5, abs=1e-5), name
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("read", "write"),
+    [("blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"), ("blocks.0.hook_mlp_out", "blocks.0.hook_resid_mid")],
+)
+def test_a_transcoder_writing_upstream_of_its_input_is_refused(read, write):
+    model = random_model(d_vocab=40)
+    cfg = transcoder_config(
+        d_in=32, d_out=32, d_sae=16, architecture="topk", k=4, hook_name=read, output_hook_name=write,
+        hook_layer=int(read.split(".")[1]),
+    )  # fmt: skip
+    with pytest.raises(SAEError, match=rf"output_hook_name '{write}' runs before hook_name '{read}'"):
+        evaluate_sae(model, build_sae(cfg), with_bos(2, 8, vocab=40), drop_tokens=[BOS])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("tokens", "options", "match"),
+    [
+        (with_bos(1, 8, vocab=40)[0], {}, r"tokens must be a non-empty integer tensor \[n, seq\], got torch.int64 \[8"),
+        (with_bos(2, 8, vocab=40).float(), {}, r"integer tensor \[n, seq\], got torch.float32 \[2, 8\]"),
+        (torch.zeros(0, 8, dtype=torch.long), {}, r"non-empty integer tensor \[n, seq\], got torch.int64 \[0, 8\]"),
+        ([[1, 2, 3]], {}, r"non-empty integer tensor \[n, seq\], got list"),
+        (with_bos(2, 1, vocab=40), {}, r"at least 2 positions per sequence, got \[2, 1\]"),
+        (with_bos(2, 8, vocab=40), {"attention_mask": torch.ones(2, 5)}, r"shape of tokens \[2, 8\], got \[2, 5\]"),
+        (with_bos(2, 8, vocab=40), {"batch_size": 0}, r"batch_size must be a positive int"),
+        (with_bos(2, 8, vocab=40), {"dense_threshold": "x"}, r"dense_threshold must lie in \(0, 1\]"),
+    ],
+)
+def test_bad_tokens_masks_and_settings_are_named(tokens, options, match):
+    sae = build_sae(config("blocks.0.hook_resid_post", 32, d_sae=16, k=4))
+    with pytest.raises(SAEError, match=match):
+        evaluate_sae(random_model(d_vocab=40), sae, tokens, **options)

@@ -3,11 +3,14 @@ latents of all tokens at once, though the statistics are gathered batch by batch
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mechscope.loading.processing import process_weights
 from mechscope.sae import SAEConfig, SAEError, build_sae
 from mechscope.sae.features import feature_statistics
 from tests.conftest import random_model
@@ -154,16 +157,31 @@ def test_dropped_tokens_never_count(tiny):
         assert all(tokens[e.row, e.position] != 0 for e in feature.top)
 
 
-def test_logit_effects_are_the_decoder_through_the_unembedding(tiny):
-    sae = make_sae()
-    stats = feature_statistics(tiny, sae, make_tokens(n=2), features=[3, 7], logits=5)
+@pytest.mark.parametrize("normalization", ["layernorm", "rmsnorm"])
+def test_logit_effects_read_the_decoder_through_the_final_norm(normalization):
+    """(P d ⊙ s) @ W_U with the norm's scale s and, for a LayerNorm, P removing the mean; folding
+    the norm into W_U first gives the same numbers."""
+    model = random_model(d_vocab=40, normalization=normalization)
+    scale = model.ln_final.w.detach() + getattr(model.ln_final, "offset", 0.0)
+    assert not torch.allclose(scale, torch.ones_like(scale))  # the scale matters in this model
+    sae, tokens = make_sae(), make_tokens(n=2)
+    stats = feature_statistics(model, sae, tokens, features=[3, 7], logits=5)
     for feature in stats.features:
-        effect = sae.W_dec[feature.index].detach() @ tiny.W_U.detach()
-        ordered = effect.sort(descending=True)
+        direction = sae.W_dec[feature.index].detach()
+        if normalization == "layernorm":
+            direction = direction - direction.mean()
+        ordered = ((direction * scale) @ model.W_U.detach()).sort(descending=True)
         assert [t for t, _ in feature.top_logits] == ordered.indices[:5].tolist()
         assert [t for t, _ in feature.bottom_logits] == ordered.indices.flip(0)[:5].tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in feature.top_logits]), ordered.values[:5])
         torch.testing.assert_close(torch.tensor([v for _, v in feature.bottom_logits]), ordered.values.flip(0)[:5])
+    folded = process_weights(copy.deepcopy(model), fold_ln=True)
+    assert torch.equal(folded.ln_final.w + getattr(folded.ln_final, "offset", 0.0), torch.ones_like(scale))
+    again = feature_statistics(folded, sae, tokens, features=[3, 7], logits=5)
+    for feature, other in zip(stats.features, again.features):
+        assert [t for t, _ in other.top_logits] == [t for t, _ in feature.top_logits]
+        torch.testing.assert_close(other.top_logits, feature.top_logits)
+        torch.testing.assert_close(other.bottom_logits, feature.bottom_logits)
 
 
 def test_no_logit_effect_outside_the_residual_stream(tiny):
@@ -219,3 +237,15 @@ def test_bad_settings_are_refused(tiny, options, match):
 def test_bad_tokens_are_refused(tiny, tokens):
     with pytest.raises(SAEError, match=r"tokens must be a non-empty integer tensor \[n, seq\]"):
         feature_statistics(tiny, make_sae(), tokens)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_latent_is_refused_by_name(tiny, value):
+    """An overflow upstream must not reach the grids, whose widths would double forever."""
+    sae, tokens = make_sae(), make_tokens(n=2)
+    tokens[:, 0] = 0  # dropped: the first position that counts is 1
+    with torch.no_grad():
+        sae.b_enc[5] = value
+    with pytest.raises(SAEError, match=rf"feature 5 is {value} at row 0, position 1: latents must be finite"):
+        feature_statistics(tiny, sae, tokens, features=[1, 5], drop_tokens=[0])

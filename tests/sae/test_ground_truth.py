@@ -149,6 +149,30 @@ def test_fewer_latents_than_features_leave_features_unmatched():
     assert matching.recovered == pytest.approx(2 / 6)
 
 
+@FAST
+@given(decay=st.floats(0.3, 0.95), seed=st.integers(0, 1000))
+def test_recovering_important_features_scores_higher_when_weighted(decay, seed):
+    """Two decoders that each recover half of the features tie on the plain mean matched cosine, but the one
+    holding the important half wins the importance-weighted one, by exactly the importance it holds."""
+    dictionary = SyntheticDictionary(8, 8, importance_decay=decay, seed=seed)
+    importance = decay ** torch.arange(8.0)
+    important, unimportant = (dictionary.match(dictionary.features[half]) for half in (slice(0, 4), slice(4, 8)))
+    assert important.mmcs == pytest.approx(unimportant.mmcs, abs=1e-6)
+    assert important.weighted_mmcs > unimportant.weighted_mmcs
+    assert important.weighted_mmcs == pytest.approx(float(importance[:4].sum() / importance.sum()), abs=1e-6)
+    assert unimportant.weighted_mmcs == pytest.approx(float(importance[4:].sum() / importance.sum()), abs=1e-6)
+    plain = match_features(dictionary.features[:4], dictionary.features)
+    assert plain.weighted_mmcs == plain.mmcs  # no importance: every feature weighs the same
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("importance", [torch.ones(3), torch.zeros(4), torch.tensor([1.0, -1, 1, 1]), [1, 1, 1, 1]])
+def test_matching_refuses_bad_importance_by_name(importance):
+    truth = SyntheticDictionary(4, 4).features
+    with pytest.raises(SAEError, match=r"importance must be a tensor of one finite weight >= 0 per true feature \(4"):
+        match_features(truth, truth, importance=importance)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("decoder", "truth", "named"),
@@ -245,6 +269,31 @@ def test_a_perfect_name_latent_scores_one(language, samples):
     assert alignment["name"].auroc == pytest.approx(1.0)
     assert alignment["name"].f1 == pytest.approx(1.0)
     assert alignment["ioi_end"].auroc < 0.9  # "to" is no name
+
+
+@torch.no_grad()
+def test_an_sae_on_a_per_head_hook_reads_the_heads_side_by_side(language, samples):
+    """An SAE on attn.hook_z ([pos, head, d_head]) sees each token's heads flattened, as in evaluate_sae; its
+    latents, recomputed one unpadded document at a time, give the same AUROCs."""
+    hook = "blocks.0.attn.hook_z"
+    d_in = language.cfg.n_heads * language.cfg.d_head
+    sae = build_sae(SAEConfig(d_in, 32, "relu", hook, 0), seed=0).eval()
+    few = samples[:30]
+    alignment = latent_alignment(language, sae, hook, few)
+    latents = []
+    for sample in few:
+        tokens, _ = encode(language.tokenizer, [sample.text])
+        _, cache = language.run_with_cache(tokens, names_filter=[hook])
+        latents.append(sae.encode(cache[hook][0].flatten(1)))
+    latents = torch.cat(latents)
+    labels = [token_labels(language.tokenizer, sample) for sample in few]
+    assert alignment
+    for variable, found in alignment.items():
+        holds = torch.cat([label[variable][0] for label in labels])
+        defined = torch.cat([label[variable][1] for label in labels])
+        expected = auroc(latents[defined], holds[defined])
+        assert found.auroc == pytest.approx(float(expected.max()), abs=1e-6)
+        assert float(expected[found.latent]) == pytest.approx(found.auroc, abs=1e-6)
 
 
 @pytest.mark.bad_input

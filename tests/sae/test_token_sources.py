@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -228,3 +229,22 @@ def test_bad_specs_are_refused_by_name(tokenizer, tmp_path):
         take(token_source(tmp_path / "docs.jsonl", tokenizer=tokenizer, seq_len=5), 20)
     with pytest.raises(SAEError, match=r"shape \[4\] or \[batch, 4\]"):
         next(token_source(lambda step: torch.zeros(2, 3, dtype=torch.long), seq_len=4))
+
+
+@pytest.mark.bad_input
+def test_a_malformed_json_line_is_named_by_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": oops}\n{"text": "never read"}\n', encoding="utf-8")
+    with pytest.raises(SAEError, match=rf"^{re.escape(str(path))}:3: not valid JSON"):
+        take(token_source(path, tokenizer=tokenizer, seq_len=5), 20)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("txt_documents", ["lines", "file"])
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tokenizer, tmp_path, txt_documents):
+    path = tmp_path / "docs.txt"
+    lines = 1000  # 10 kB before the bad byte: past the first block that text mode decodes at once
+    path.write_bytes(b"Mary went\n" * lines + b"to the \xff park\n")
+    source = token_source(path, tokenizer=tokenizer, seq_len=64, txt_documents=txt_documents)
+    with pytest.raises(SAEError, match=rf"^{re.escape(str(path))}:{lines + 1}: not UTF-8 text"):
+        take(source, 10 * lines)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mechscope.model import ModelConfig, Transformer
 from mechscope.sae import SAE, SAEConfig, SAEError, build_sae
 from mechscope.sae.activations import ActivationStore
+from mechscope.sae.token_sources import token_source
 from mechscope.sae.training import (
     LatentTracker,
     TrainSAEConfig,
@@ -332,6 +333,39 @@ def test_bad_sources_are_named(tmp_path):
 
 
 MODEL = dict(n_layers=1, d_model=8, n_heads=2, d_vocab=40, n_ctx=16, seed=0)
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.mark.bad_input
+def test_a_store_that_runs_out_stops_the_run_naming_the_step(tmp_path):
+    model = Transformer(ModelConfig(**MODEL)).eval()  # no tokenizer: no position is dropped
+    tokens = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(0))
+    source = token_source(tokens, seq_len=16, cycle=False)
+    store = ActivationStore(model, HOOK, source, batch_tokens=16, context=16, buffer_batches=2)
+    with pytest.raises(SAEError, match=f"ran out of activations at step {tokens.numel() // 16};"):
+        train_sae(
+            build_sae(sae_config()), store, config(total_tokens=16 * 10, batch_tokens=16), tmp_path, progress=False
+        )
+
+
+def test_run_json_records_the_data_and_a_resume_on_other_data_is_refused_by_name(tmp_path):
+    model = Transformer(ModelConfig(**MODEL)).eval()
+    tokens = torch.randint(0, 40, (24, 16), generator=torch.Generator().manual_seed(5))
+
+    def store(**options) -> ActivationStore:
+        return ActivationStore(model, HOOK, tokens, batch_tokens=32, context=16, **{"buffer_batches": 2, **options})
+
+    train_sae(build_sae(sae_config()), store(), config(), tmp_path / "run", until=2, progress=False)
+    data = json.loads((tmp_path / "run" / ckpt.RUN_FILE).read_text())["data"]
+    assert data == json.loads(json.dumps(store().data_settings))
+    assert (data["hooks"], data["context"], data["seed"], data["buffer_rows"]) == ([HOOK], 16, 0, 64)
+    for options, difference in ((dict(buffer_batches=3), "buffer_rows: 64"), (dict(seed=1), "seed: 0")):
+        with pytest.raises(SAEError, match=f"different settings: data.{difference} in the folder"):
+            train_sae(build_sae(sae_config()), store(**options), config(), tmp_path / "run", resume=True)
+    train_sae(build_sae(sae_config()), sparse_stream, config(), tmp_path / "plain", until=1, progress=False)
+    assert json.loads((tmp_path / "plain" / ckpt.RUN_FILE).read_text())["data"] == {}  # nothing to record
+
+
 KILLED_RUN = """
 import os, signal, sys, torch
 from tests.sae.test_training import store_run
