@@ -113,7 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--expansion", type=int, default=8, help="width = expansion x d_model")
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--l1", type=float, default=5.0, help="ReLU SAEs' L1 coefficient (both)")
+    parser.add_argument("--l1", type=float, default=1.0, help="ReLU SAEs' L1 coefficient (both; SAELens' default)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
     parser.add_argument("--context", type=int, default=128)
@@ -265,7 +265,9 @@ def main() -> None:
                     versions[label] = result["version"]
                     whole, steady = throughput(result, settings)
                     figures.setdefault((arch, label), []).append((whole, steady))
-                    note = f"  final fvu {result['final'].get('fvu', float('nan')):.3f}" if "final" in result else ""
+                    final = result.get("final", {})
+                    note = f"  final fvu {final.get('fvu', float('nan')):.3f} l0 {final.get('l0', float('nan')):.1f}"
+                    note = note if final else ""
                     print(f"{arch:5s} {label:15s} whole {whole:8.0f} tok/s   steady {steady:8.0f} tok/s{note}")
         report(figures, versions)
 
