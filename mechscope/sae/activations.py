@@ -41,7 +41,7 @@ from mechscope.loading import tokens as tok
 from mechscope.model.hooks import unknown_name_message
 from mechscope.sae.base import SAEError
 from mechscope.sae.token_sources import TokenSource, token_source
-from mechscope.toys.checkpoint import atomic_save_tensors, atomic_write_text
+from mechscope.toys.checkpoint import atomic_save_tensors, atomic_write_text, setting_differences
 
 __all__ = ["ActivationStore", "TokenSource", "token_source"]
 
@@ -352,10 +352,11 @@ class ActivationStore:
         cached = [manifest["hook_name"]] + ([manifest["output_hook_name"]] if manifest["output_hook_name"] else [])
         if cached != self.hooks:
             raise SAEError(f"cache_dir {directory} caches {cached}, not the hooks asked for: {self.hooks}")
-        stored = manifest.get("fingerprint", {})
-        differences = [
-            f"{k}: {stored.get(k)!r} in the cache, {v!r} now" for k, v in self.fingerprint.items() if stored.get(k) != v
-        ]
+        stored = manifest.get("fingerprint", {})  # only what this store knows is compared (no tokens: no source)
+        known = {"fingerprint": {key: stored.get(key) for key in self.fingerprint}}
+        differences = setting_differences(
+            known, {"fingerprint": self.fingerprint}, ("fingerprint",), where="in the cache"
+        )
         if differences:
             raise SAEError(
                 f"cache_dir {directory} was written for other data ({'; '.join(differences)}): "

@@ -107,11 +107,13 @@ def keep_metrics_until(directory: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def setting_differences(stored: dict[str, Any], wanted: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    """Each setting of ``sections`` that differs between a run folder's record and a new run's,
-    as ``"section.key: old in the folder, new now"``: what a refused resume names."""
+def setting_differences(
+    stored: dict[str, Any], wanted: dict[str, Any], sections: tuple[str, ...], *, where: str = "in the folder"
+) -> list[str]:
+    """Each setting of ``sections`` that differs between a stored record and a new run's, as
+    ``"section.key: old in the folder, new now"``: what a refused resume (or cache) names."""
     return [
-        f"{section}.{key}: {stored.get(section, {}).get(key)!r} in the folder, {wanted[section].get(key)!r} now"
+        f"{section}.{key}: {stored.get(section, {}).get(key)!r} {where}, {wanted[section].get(key)!r} now"
         for section in sections
         for key in sorted(set(stored.get(section, {})) | set(wanted[section]))
         if stored.get(section, {}).get(key) != wanted[section].get(key)

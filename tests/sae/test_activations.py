@@ -336,7 +336,7 @@ def test_a_cache_of_another_model_context_or_source_is_refused_by_name(gpt2, gpt
     other = Model.from_pretrained(gpt2_dir)
     with torch.no_grad():
         other.blocks[0].mlp.W_in.mul_(2)  # the same config, other weights
-    with pytest.raises(SAEError, match=r"written for other data \(model_sha256: '\w+' in the cache"):
+    with pytest.raises(SAEError, match=r"written for other data \(fingerprint.model_sha256: '\w+' in the cache"):
         ActivationStore(other, hook, None, context=8, **options)
     with pytest.raises(SAEError, match="context: 8 in the cache, 4 now"):
         ActivationStore(gpt2, hook, None, context=4, **options)
